@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# The project's one test command (CI runs it through .ci/run).
+#
+# Installs missing Debian build packages, starts a real single-node Kafka
+# broker and a PostgreSQL server on 127.0.0.1, then runs, failing fast:
+#   cargo fmt --check, cargo clippy -D warnings, cargo test, benches in test mode
+# Both services are stopped on exit, whatever happens.
+#
+# Env:
+#   TALLY_SKIP_LINT=1     skip fmt and clippy (local iteration; ignored when CI is set)
+#   TALLY_TEST_THREADS=N  export RUST_TEST_THREADS=N for cargo test
+#   TALLY_RUN_DIR         where services record themselves (default: a fresh temp dir)
+#   TALLY_CACHE_DIR       Kafka jar cache (default ~/.cache/tally), see kafka.sh
+# Exported to the tests: TALLY_TEST_BOOTSTRAP, TALLY_TEST_PG_URL.
+set -euo pipefail
+
+cd "$(dirname "$0")/../.."
+LOCAL=deploy/local
+T0=$SECONDS
+STEPS=()     # finished steps, "name seconds result"
+CURRENT=""   # the step running now
+CURRENT_T0=0
+OWN_RUN_DIR=0
+
+# Debian packages: the Rust build (rdkafka builds librdkafka with cmake) and
+# the service harness (Java 17 + Maven for Kafka, ss for free ports).
+BUILD_PKGS=(libssl-dev libsasl2-dev libcurl4-openssl-dev zlib1g-dev libzstd-dev pkg-config cmake build-essential)
+
+die() {
+  echo "test.sh: error: $*" >&2
+  exit 1
+}
+
+# Runs one named step with a timestamped header; records its duration.
+step() {
+  local name=$1
+  shift
+  CURRENT=$name
+  CURRENT_T0=$SECONDS
+  echo
+  echo "==> $name (elapsed $((SECONDS - T0))s)"
+  "$@"
+  STEPS+=("$name $((SECONDS - CURRENT_T0)) ok")
+  CURRENT=""
+}
+
+skip_step() {
+  echo
+  echo "==> $1 (elapsed $((SECONDS - T0))s): skipped ($2)"
+  STEPS+=("$1 0 skipped")
+}
+
+summary() {
+  local s name secs result
+  echo
+  echo "==> summary (total $((SECONDS - T0))s)"
+  for s in "${STEPS[@]}"; do
+    read -r name secs result <<<"$s"
+    printf '    %-16s %6ss  %s\n' "$name" "$secs" "$result"
+  done
+}
+
+on_exit() {
+  local rc=$?
+  set +e
+  if [[ -n $CURRENT ]]; then
+    STEPS+=("$CURRENT $((SECONDS - CURRENT_T0)) FAILED(exit=$rc)")
+  fi
+  if ((rc != 0)) && [[ -f $TALLY_RUN_DIR/kafka.env ]]; then
+    echo
+    echo "==> broker log after failure"
+    "$LOCAL/kafka.sh" logs
+  fi
+  echo
+  echo "==> stopping services"
+  "$LOCAL/kafka.sh" stop
+  "$LOCAL/postgres.sh" stop
+  if ((OWN_RUN_DIR)); then rm -rf "$TALLY_RUN_DIR"; fi
+  summary
+  exit "$rc"
+}
+
+# Installs the packages (from BUILD_PKGS and the commands the harness needs)
+# that are missing; no apt at all when everything is there.
+install_deps() {
+  local p missing=()
+  for p in "${BUILD_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
+      missing+=("$p")
+  done
+  if ! command -v java >/dev/null || ! command -v javac >/dev/null; then
+    missing+=(openjdk-17-jdk-headless)
+  fi
+  command -v mvn >/dev/null || missing+=(maven)
+  command -v ss >/dev/null || missing+=(iproute2)
+  if ((${#missing[@]} == 0)); then
+    echo "all Debian packages present"
+    return 0
+  fi
+  echo "installing: ${missing[*]}"
+  local sudo=()
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null || die "need root (or sudo) to install: ${missing[*]}"
+    sudo=(sudo -n)
+  fi
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# Prints KEY's value from an env file written by kafka.sh / postgres.sh.
+env_value() {
+  sed -n "s/^$2=//p" "$1" | tail -n 1
+}
+
+command -v cargo >/dev/null || die "cargo not found (install Rust with rustup)"
+command -v rustfmt >/dev/null || die "rustfmt not found (rustup component add rustfmt)"
+command -v cargo-clippy >/dev/null || die "clippy not found (rustup component add clippy)"
+
+if [[ -z ${TALLY_RUN_DIR:-} ]]; then
+  # A private run dir per invocation: parallel runs never share services.
+  TALLY_RUN_DIR="$(mktemp -d "${TMPDIR:-/tmp}/tally-run.XXXXXX")"
+  OWN_RUN_DIR=1
+fi
+export TALLY_RUN_DIR
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+step deps install_deps
+step kafka-fetch "$LOCAL/kafka.sh" fetch
+step kafka-start "$LOCAL/kafka.sh" start
+step pg-start "$LOCAL/postgres.sh" start
+
+TALLY_TEST_BOOTSTRAP="$(env_value "$TALLY_RUN_DIR/kafka.env" TALLY_TEST_BOOTSTRAP)"
+TALLY_TEST_PG_URL="$(env_value "$TALLY_RUN_DIR/postgres.env" TALLY_TEST_PG_URL)"
+[[ -n $TALLY_TEST_BOOTSTRAP && -n $TALLY_TEST_PG_URL ]] ||
+  die "the services did not record their addresses"
+export TALLY_TEST_BOOTSTRAP TALLY_TEST_PG_URL
+echo
+echo "TALLY_TEST_BOOTSTRAP=$TALLY_TEST_BOOTSTRAP"
+echo "TALLY_TEST_PG_URL=$TALLY_TEST_PG_URL"
+if [[ -n ${TALLY_TEST_THREADS:-} ]]; then
+  export RUST_TEST_THREADS=$TALLY_TEST_THREADS
+  echo "RUST_TEST_THREADS=$RUST_TEST_THREADS"
+fi
+
+if [[ ${TALLY_SKIP_LINT:-} == 1 && -z ${CI:-} ]]; then
+  skip_step fmt "TALLY_SKIP_LINT=1"
+  skip_step clippy "TALLY_SKIP_LINT=1"
+else
+  step fmt cargo fmt --all -- --check
+  step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+step test cargo test --workspace --locked
+# Criterion's test mode: every benchmark runs once, as a smoke test. Run through
+# `cargo test` so the benches reuse the test build instead of a second, optimised
+# build of every dependency; real figures come from `cargo bench` (see README).
+step bench cargo test --workspace --locked --benches
