@@ -1,0 +1,109 @@
+//! `tally`: the one binary of the pipeline.
+//!
+//! Subcommands: `topics create` (create and check the pipeline's topics), `produce`
+//! (deterministic synthetic traffic with a ground-truth file), `config check`
+//! (validate the configuration).
+
+mod kafka;
+mod produce;
+mod settings;
+mod telemetry;
+mod topics;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing::error;
+
+/// Streaming usage metering: exact, attributed billing aggregates from Kafka usage events.
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about)]
+struct Cli {
+    /// Configuration file (TOML). Environment overrides: TALLY_<SECTION>__<FIELD>.
+    #[arg(long, global = true, env = "TALLY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage the pipeline's topics.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Produce deterministic synthetic traffic into usage.events and write its ground truth.
+    Produce(Box<tally_producer::GeneratorArgs>),
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicsAction {
+    /// Create missing topics; check existing ones against the config (never alter them).
+    Create,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigAction {
+    /// Validate the configuration and print it with defaults filled in.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logs();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            error!(error = %err, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            error!(error = format!("{err:#}"), "tally failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Config {
+            action: ConfigAction::Check,
+        } => {
+            println!("{}", toml_pretty(&config)?);
+            Ok(())
+        }
+        Command::Produce(args) => produce::run(&config, &args).await,
+        Command::Topics {
+            action: TopicsAction::Create,
+        } => {
+            for (topic, outcome) in topics::create_all(&config).await? {
+                println!(
+                    "{topic}: {}",
+                    match outcome {
+                        topics::TopicOutcome::Created => "created",
+                        topics::TopicOutcome::AlreadyMatches => "exists, matches the config",
+                    }
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn toml_pretty(config: &tally_core::config::Config) -> anyhow::Result<String> {
+    Ok(toml::to_string_pretty(config)?)
+}

@@ -1,0 +1,87 @@
+//! Bad configuration fails at start, with a message that names the field.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn tally_config_check(file_body: &str, env: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("tally.toml");
+    std::fs::write(&path, file_body).expect("write config");
+    run_check(&path, env)
+}
+
+fn run_check(path: &Path, env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+    command.args(["config", "check", "--config"]).arg(path);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run tally")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn example_config_is_valid_and_complete() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tally.example.toml");
+    let output = run_check(&example, &[]);
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(printed.contains("window_ms = 60000"), "printed: {printed}");
+}
+
+#[test]
+fn unknown_field_is_named() {
+    let output = tally_config_check("[aggregator]\nwindow_msec = 60000\n", &[]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("window_msec"), "stderr: {message}");
+    assert!(message.contains("aggregator"), "stderr: {message}");
+}
+
+#[test]
+fn wrong_type_is_named() {
+    let output = tally_config_check("[topics]\npartitions = \"six\"\n", &[]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("topics.partitions"), "stderr: {message}");
+}
+
+#[test]
+fn impossible_value_is_named() {
+    let output = tally_config_check("[aggregator]\nwindow_ms = 420000\n", &[]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("aggregator.window_ms"),
+        "stderr: {message}"
+    );
+    assert!(message.contains("divide 15 minutes"), "stderr: {message}");
+}
+
+#[test]
+fn environment_override_is_validated_and_named() {
+    let output = tally_config_check("", &[("TALLY_AGGREGATOR__DEDUPE_HORIZON_MS", "1000")]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("aggregator.dedupe_horizon_ms"),
+        "stderr: {message}"
+    );
+}
+
+#[test]
+fn environment_override_applies() {
+    let output = tally_config_check("", &[("TALLY_KAFKA__BOOTSTRAP_SERVERS", "broker-7:9093")]);
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("broker-7:9093"));
+}
+
+#[test]
+fn missing_file_is_reported() {
+    let output = run_check(Path::new("/nonexistent/tally.toml"), &[]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("/nonexistent/tally.toml"));
+}
