@@ -1,9 +1,11 @@
 //! `tally`: the one binary of the pipeline.
 //!
-//! Subcommands: `topics create` (create and check the pipeline's topics), `produce`
+//! Subcommands: `aggregate` (the exactly-once aggregator), `topics create` (create
+//! and check the pipeline's topics), `produce`
 //! (deterministic synthetic traffic with a ground-truth file), `config check`
 //! (validate the configuration).
 
+mod aggregate;
 mod kafka;
 mod produce;
 mod settings;
@@ -34,6 +36,8 @@ enum Command {
         #[command(subcommand)]
         action: TopicsAction,
     },
+    /// Aggregate usage.events into billing aggregates, exactly once (runs until SIGTERM).
+    Aggregate(Box<tally_aggregator::AggregateArgs>),
     /// Produce deterministic synthetic traffic into usage.events and write its ground truth.
     Produce(Box<tally_producer::GeneratorArgs>),
     /// Inspect the configuration.
@@ -86,6 +90,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", toml_pretty(&config)?);
             Ok(())
         }
+        Command::Aggregate(args) => aggregate::run(config, &args).await,
         Command::Produce(args) => produce::run(&config, &args).await,
         Command::Topics {
             action: TopicsAction::Create,

@@ -17,7 +17,7 @@ use tally_producer::{
 use tracing::info;
 
 pub(crate) async fn run(config: &Config, args: &GeneratorArgs) -> anyhow::Result<()> {
-    if let Some(address) = crate::telemetry::init_metrics(&config.metrics.listen)? {
+    if let Some(address) = crate::telemetry::init_metrics(&config.metrics.listen, &[])? {
         info!(%address, "serving metrics");
     }
     tally_producer::producer::describe_metrics();

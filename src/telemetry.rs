@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global tracing subscriber.
@@ -24,15 +24,25 @@ pub(crate) fn init_logs() {
 }
 
 /// Starts the Prometheus endpoint on `listen` (a `host:port`); an empty string disables it.
-/// Must be called from inside a tokio runtime.
-pub(crate) fn init_metrics(listen: &str) -> anyhow::Result<Option<SocketAddr>> {
+/// `histograms` gives explicit buckets per histogram name. Must be called from inside a
+/// tokio runtime.
+pub(crate) fn init_metrics(
+    listen: &str,
+    histograms: &[(&str, &[f64])],
+) -> anyhow::Result<Option<SocketAddr>> {
     if listen.is_empty() {
         return Ok(None);
     }
     let address: SocketAddr = listen.parse().with_context(|| {
         format!("invalid config field `metrics.listen`: {listen:?} is not host:port")
     })?;
-    PrometheusBuilder::new()
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in histograms {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full((*name).to_owned()), buckets)
+            .with_context(|| format!("invalid buckets for {name}"))?;
+    }
+    builder
         .with_http_listener(address)
         .install()
         .with_context(|| format!("cannot serve metrics on {address}"))?;

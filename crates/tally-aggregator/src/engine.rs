@@ -1,0 +1,1089 @@
+//! The Kafka loop: one consumer, one transactional producer, the owned partitions.
+//!
+//! Everything here runs on the caller's thread (librdkafka calls block). The
+//! [`Engine`] lives in the consumer's context behind a mutex, because the rebalance
+//! callback — which runs inside `poll` on the same thread — must commit, restore and
+//! drop partition state; the loop never holds the lock across `poll`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::util::Timeout;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tally_core::aggregate::BillingAggregate;
+use tally_core::codec::{encode_aggregate, encode_tick};
+use tally_core::config::SIDE_TOPIC_EXTRA_BYTES;
+use tally_core::event::{TickOrigin, UsageTick};
+use tally_core::partition::PartitionState;
+use tally_core::validate::ValidationLimits;
+use tracing::{debug, error, info, warn};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::AggregatorError;
+use crate::metrics::{self as m, PendingTotals};
+use crate::record::{InputRecord, RecordOutcome, RecordRules, TOO_LATE, apply_record, side_record};
+use crate::restore::rebuild_partition;
+use crate::settings::{AggregatorSettings, StartFrom};
+
+/// Timeout of blocking metadata and transaction calls.
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+/// Flush before an abort: bounded, since an aborting transaction may not drain.
+const ABORT_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Aborts in a row (without a commit in between, i.e. at the same input offsets)
+/// after which the aggregator stops instead of looping.
+const MAX_CONSECUTIVE_ABORTS: u32 = 5;
+/// Retries of a retriable `commit_transaction` error.
+const COMMIT_RETRIES: u32 = 3;
+/// How long one `poll` waits.
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+/// How often lag and gauges are refreshed.
+const GAUGE_REFRESH: Duration = Duration::from_secs(5);
+/// Housekeeping (ticks, commit timer, exit check) at most this often while records flow.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(10);
+
+/// Why [`crate::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The shutdown flag was raised.
+    Shutdown,
+    /// Every owned partition settled for `--exit-after-idle-ms`.
+    Idle,
+}
+
+/// What a run did (committed work only, except aborts and restores).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Why the run ended.
+    pub exit: ExitReason,
+    /// Transactions committed.
+    pub transactions_committed: u64,
+    /// Transactions aborted.
+    pub transactions_aborted: u64,
+    /// Billing rows in committed transactions.
+    pub rows_emitted: u64,
+    /// Ticks written in committed transactions.
+    pub ticks_written: u64,
+    /// Records re-read to rebuild state on assignment.
+    pub records_restored: u64,
+}
+
+/// Producer callbacks: counts failed deliveries (an aborted transaction purges its
+/// messages, which report as failures).
+pub(crate) struct ProducerCallbacks {
+    failed_deliveries: AtomicU64,
+}
+
+impl ClientContext for ProducerCallbacks {}
+
+impl ProducerContext for ProducerCallbacks {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _opaque: ()) {
+        if let Err((error, _message)) = result {
+            self.failed_deliveries.fetch_add(1, Ordering::Relaxed);
+            debug!(error = %error, "delivery failed");
+        }
+    }
+}
+
+/// One owned input partition.
+struct OwnedPartition {
+    /// State after the last record processed.
+    live: PartitionState,
+    /// State as of the last commit (restored on abort).
+    committed: PartitionState,
+    /// Offset after the last record processed.
+    next_offset: i64,
+    /// Offset committed last (the consumer is seeked here on abort).
+    committed_offset: i64,
+    /// First offset this group consumed for the partition (checkpoint low-water).
+    low_water: i64,
+    /// Records processed since the last commit.
+    dirty: bool,
+    /// The consumer reported the partition's end and no record came since.
+    at_end: bool,
+    /// When the last record (usage or tick) was read.
+    last_record_at: Instant,
+    /// When the last usage record was read (the base of the idle time).
+    last_usage_at: Instant,
+    /// A tick was written and has not been read back yet.
+    tick_in_flight: bool,
+    /// `tick_in_flight` as of the last commit.
+    committed_tick_in_flight: bool,
+    /// A tick was read after the last usage record.
+    tick_read_since_usage: bool,
+}
+
+impl OwnedPartition {
+    fn new(state: PartitionState, next_offset: i64, low_water: i64) -> OwnedPartition {
+        let now = Instant::now();
+        OwnedPartition {
+            committed: state.clone(),
+            live: state,
+            next_offset,
+            committed_offset: next_offset,
+            low_water,
+            dirty: false,
+            at_end: false,
+            last_record_at: now,
+            last_usage_at: now,
+            tick_in_flight: false,
+            committed_tick_in_flight: false,
+            tick_read_since_usage: false,
+        }
+    }
+
+    /// Back to the last commit.
+    fn rewind(&mut self) {
+        self.live = self.committed.clone();
+        self.next_offset = self.committed_offset;
+        self.dirty = false;
+        self.at_end = false;
+        self.tick_in_flight = self.committed_tick_in_flight;
+        let now = Instant::now();
+        self.last_record_at = now;
+        self.last_usage_at = now;
+    }
+
+    /// The time a tick written now would carry, if the partition has a clock.
+    fn tick_time_ms(&self) -> Option<i64> {
+        let max = self.live.max_event_time_ms()?;
+        let idle_ms = i64::try_from(self.last_usage_at.elapsed().as_millis()).unwrap_or(i64::MAX);
+        Some(max.saturating_add(idle_ms))
+    }
+
+    /// Whether a tick written now would not move the watermark.
+    fn tick_is_noop(&self) -> bool {
+        match (self.tick_time_ms(), self.live.watermark()) {
+            (None, _) => true,
+            (Some(tick), Some(watermark)) => tick <= watermark,
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// Whether a transaction ended with a commit or an abort.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CommitOutcome {
+    NothingToDo,
+    Committed,
+    Aborted,
+}
+
+/// The aggregator's state and its producer.
+pub(crate) struct Engine {
+    settings: AggregatorSettings,
+    limits: ValidationLimits,
+    producer: BaseProducer<ProducerCallbacks>,
+    partition_count: u32,
+    in_transaction: bool,
+    partitions: BTreeMap<i32, OwnedPartition>,
+    transactions_attempted: u64,
+    consecutive_aborts: u32,
+    pending: PendingTotals,
+    summary: RunSummary,
+    /// Set once the process must stop: callbacks then only unassign.
+    failed: bool,
+    last_commit: Instant,
+    last_gauges: Instant,
+    buffer: Vec<u8>,
+}
+
+fn classify(operation: &'static str, source: KafkaError) -> AggregatorError {
+    if is_fatal(&source) {
+        AggregatorError::Fatal { operation, source }
+    } else {
+        AggregatorError::Kafka { operation, source }
+    }
+}
+
+fn is_fatal(error: &KafkaError) -> bool {
+    match error {
+        KafkaError::Transaction(inner) => inner.is_fatal(),
+        other => other.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal),
+    }
+}
+
+fn is_retriable(error: &KafkaError) -> bool {
+    matches!(error, KafkaError::Transaction(inner) if inner.is_retriable())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
+}
+
+impl Engine {
+    fn topic(&self) -> &str {
+        &self.settings.config.topics.usage_events
+    }
+
+    fn ensure_transaction(&mut self) -> Result<(), AggregatorError> {
+        if !self.in_transaction {
+            self.producer
+                .begin_transaction()
+                .map_err(|source| classify("begin transaction", source))?;
+            self.in_transaction = true;
+        }
+        Ok(())
+    }
+
+    fn send<K, P>(&self, mut record: BaseRecord<'_, K, P, ()>) -> Result<(), AggregatorError>
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    record = returned;
+                    self.producer.poll(Duration::from_millis(50));
+                }
+                Err((source, _)) => return Err(classify("produce", source)),
+            }
+        }
+    }
+
+    /// Processes one input record.
+    fn on_record(&mut self, message: &BorrowedMessage<'_>) -> Result<(), AggregatorError> {
+        let partition = message.partition();
+        let record = InputRecord {
+            partition,
+            offset: message.offset(),
+            key: message.key(),
+            value: message.payload().unwrap_or_default(),
+            timestamp_ms: message.timestamp().to_millis(),
+        };
+        let rules = RecordRules {
+            contracts: &self.settings.contracts,
+            limits: &self.limits,
+            partition_count: self.partition_count,
+        };
+        let Some(owned) = self.partitions.get_mut(&partition) else {
+            return Ok(());
+        };
+        if record.offset < owned.next_offset {
+            // Fetched before a seek back; the seek makes librdkafka drop these, but a
+            // record below the position must never be applied twice.
+            return Ok(());
+        }
+        let outcome = apply_record(&mut owned.live, &rules, &record);
+        let now = Instant::now();
+        owned.next_offset = record.offset + 1;
+        owned.dirty = true;
+        owned.at_end = false;
+        owned.last_record_at = now;
+        if outcome == RecordOutcome::Tick {
+            owned.tick_in_flight = false;
+            owned.tick_read_since_usage = true;
+        } else {
+            owned.last_usage_at = now;
+            owned.tick_read_since_usage = false;
+        }
+        match outcome {
+            RecordOutcome::Absorbed | RecordOutcome::Tick => Ok(()),
+            RecordOutcome::TooLate => {
+                let topic = self.settings.config.topics.late.clone();
+                self.write_side(&topic, &record, TOO_LATE)
+            }
+            RecordOutcome::Rejected { reason } => {
+                self.pending.add_rejected(reason);
+                let topic = self.settings.config.topics.dlq.clone();
+                self.write_side(&topic, &record, reason)
+            }
+        }
+    }
+
+    fn write_side(
+        &mut self,
+        topic: &str,
+        record: &InputRecord<'_>,
+        reason: &'static str,
+    ) -> Result<(), AggregatorError> {
+        self.ensure_transaction()?;
+        let max_value_bytes =
+            usize::try_from(self.settings.config.topics.max_message_bytes).unwrap_or(0);
+        let side = side_record(record, self.topic(), reason, max_value_bytes);
+        let mut headers = OwnedHeaders::new_with_capacity(side.headers.len());
+        for (name, value) in &side.headers {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let mut out = BaseRecord::<[u8], [u8]>::to(topic)
+            .payload(side.value)
+            .headers(headers);
+        if let Some(key) = record.key {
+            out = out.key(key);
+        }
+        if let Some(timestamp) = record.timestamp_ms {
+            out = out.timestamp(timestamp);
+        }
+        self.send(out)
+    }
+
+    fn produce_row(&mut self, row: &BillingAggregate) -> Result<(), AggregatorError> {
+        self.buffer.clear();
+        encode_aggregate(row, &mut self.buffer);
+        let topic = &self.settings.config.topics.billing_aggregates;
+        let out = BaseRecord::<[u8], [u8]>::to(topic)
+            .key(row.id.as_bytes())
+            .payload(&self.buffer)
+            .timestamp(row.window_end_ms);
+        self.send(out)
+    }
+
+    fn on_eof(&mut self, partition: i32) {
+        if let Some(owned) = self.partitions.get_mut(&partition) {
+            owned.at_end = true;
+        }
+    }
+
+    /// Appends a tick to every partition idle at its end for the idle timeout.
+    fn write_idle_ticks(&mut self) -> Result<(), AggregatorError> {
+        let idle_timeout = self.settings.idle_timeout();
+        let due: Vec<(i32, i64)> = self
+            .partitions
+            .iter()
+            .filter(|(_, owned)| {
+                owned.at_end
+                    && !owned.tick_in_flight
+                    && owned.last_record_at.elapsed() >= idle_timeout
+                    && !owned.tick_is_noop()
+            })
+            .filter_map(|(partition, owned)| Some((*partition, owned.tick_time_ms()?)))
+            .collect();
+        for (partition, tick_time_ms) in due {
+            self.ensure_transaction()?;
+            self.buffer.clear();
+            encode_tick(
+                &UsageTick {
+                    tick_time_ms,
+                    origin: TickOrigin::Aggregator,
+                },
+                &mut self.buffer,
+            );
+            let out = BaseRecord::<[u8], [u8]>::to(&self.settings.config.topics.usage_events)
+                .partition(partition)
+                .payload(&self.buffer)
+                .timestamp(tick_time_ms);
+            self.send(out)?;
+            self.pending.add_tick_written();
+            if let Some(owned) = self.partitions.get_mut(&partition) {
+                owned.tick_in_flight = true;
+                owned.dirty = true;
+            }
+            debug!(partition, tick_time_ms, "tick written to an idle partition");
+        }
+        Ok(())
+    }
+
+    fn offsets_with_checkpoints(&self) -> Result<TopicPartitionList, AggregatorError> {
+        let topic = self.topic();
+        let mut offsets = TopicPartitionList::with_capacity(self.partitions.len());
+        for (partition, owned) in &self.partitions {
+            let checkpoint = Checkpoint {
+                low_water: owned.low_water,
+                counters: owned.live.counters(),
+            };
+            let mut element = offsets.add_partition(topic, *partition);
+            element
+                .set_offset(Offset::Offset(owned.next_offset))
+                .map_err(|source| AggregatorError::Kafka {
+                    operation: "build offsets",
+                    source,
+                })?;
+            element.set_metadata(checkpoint.to_metadata());
+        }
+        Ok(offsets)
+    }
+
+    /// Drains closed rows and commits them with the offsets and checkpoints of every
+    /// owned partition, in one transaction.
+    fn commit(
+        &mut self,
+        consumer: &BaseConsumer<AggregatorContext>,
+    ) -> Result<CommitOutcome, AggregatorError> {
+        self.last_commit = Instant::now();
+        let mut rows = Vec::new();
+        for owned in self.partitions.values_mut() {
+            rows.extend(owned.live.drain_closed(&self.settings.contracts)?);
+        }
+        if !rows.is_empty() {
+            self.ensure_transaction()?;
+            for row in &rows {
+                self.pending.add_row(row);
+                self.produce_row(row)?;
+            }
+        }
+        let dirty = self.in_transaction || self.partitions.values().any(|owned| owned.dirty);
+        if !dirty {
+            return Ok(CommitOutcome::NothingToDo);
+        }
+        self.ensure_transaction()?;
+        self.transactions_attempted += 1;
+        if self.settings.abort_every.is_some_and(|every| {
+            self.transactions_attempted
+                .is_multiple_of(u64::from(every.get()))
+        }) {
+            info!(
+                transaction = self.transactions_attempted,
+                "aborting the transaction (--abort-every)"
+            );
+            self.abort(consumer, true)?;
+            return Ok(CommitOutcome::Aborted);
+        }
+        let offsets = self.offsets_with_checkpoints()?;
+        let Some(group) = consumer.group_metadata() else {
+            warn!("no consumer group metadata yet, aborting the transaction");
+            self.abort(consumer, true)?;
+            return Ok(CommitOutcome::Aborted);
+        };
+        let started = Instant::now();
+        if let Err(error) =
+            self.producer
+                .send_offsets_to_transaction(&offsets, &group, KAFKA_TIMEOUT)
+        {
+            return self.recover(consumer, "send offsets to transaction", error);
+        }
+        let mut retries = 0;
+        loop {
+            match self.producer.commit_transaction(KAFKA_TIMEOUT) {
+                Ok(()) => break,
+                Err(error) if is_retriable(&error) && retries < COMMIT_RETRIES => {
+                    retries += 1;
+                    warn!(error = %error, retries, "retrying commit");
+                }
+                Err(error) => return self.recover(consumer, "commit transaction", error),
+            }
+        }
+        m::record_commit_seconds(started.elapsed().as_secs_f64());
+        self.in_transaction = false;
+        self.consecutive_aborts = 0;
+        self.pending.publish();
+        self.summary.transactions_committed += 1;
+        self.summary.rows_emitted += self.pending.rows();
+        self.summary.ticks_written += self.pending.ticks_written();
+        self.pending = PendingTotals::default();
+        for owned in self.partitions.values_mut() {
+            if owned.dirty {
+                m::publish_counter_delta(&owned.committed.counters(), &owned.live.counters());
+                owned.committed = owned.live.clone();
+            }
+            owned.committed_offset = owned.next_offset;
+            owned.committed_tick_in_flight = owned.tick_in_flight;
+            owned.dirty = false;
+        }
+        debug!(rows = rows.len(), "transaction committed");
+        Ok(CommitOutcome::Committed)
+    }
+
+    fn recover(
+        &mut self,
+        consumer: &BaseConsumer<AggregatorContext>,
+        operation: &'static str,
+        error: KafkaError,
+    ) -> Result<CommitOutcome, AggregatorError> {
+        if is_fatal(&error) {
+            self.failed = true;
+            error!(error = %error, operation, "fatal producer error, stopping");
+            return Err(AggregatorError::Fatal {
+                operation,
+                source: error,
+            });
+        }
+        warn!(error = %error, operation, "transaction failed, aborting it");
+        self.abort(consumer, true)?;
+        Ok(CommitOutcome::Aborted)
+    }
+
+    /// Aborts the open transaction and returns every owned partition to its last
+    /// commit: state, tick bookkeeping, and the consumer's position.
+    fn abort(
+        &mut self,
+        consumer: &BaseConsumer<AggregatorContext>,
+        counts_towards_loop: bool,
+    ) -> Result<(), AggregatorError> {
+        if self.in_transaction {
+            if let Err(error) = self.producer.flush(ABORT_FLUSH_TIMEOUT) {
+                debug!(error = %error, "flush before abort failed");
+            }
+            if let Err(source) = self.producer.abort_transaction(KAFKA_TIMEOUT) {
+                self.failed = true;
+                return Err(classify("abort transaction", source));
+            }
+            self.in_transaction = false;
+        }
+        m::count_abort();
+        self.summary.transactions_aborted += 1;
+        self.pending = PendingTotals::default();
+        let topic = self.settings.config.topics.usage_events.clone();
+        for (partition, owned) in &mut self.partitions {
+            owned.rewind();
+            consumer
+                .seek(
+                    &topic,
+                    *partition,
+                    Offset::Offset(owned.committed_offset),
+                    Timeout::After(KAFKA_TIMEOUT),
+                )
+                .map_err(|source| AggregatorError::Kafka {
+                    operation: "seek after abort",
+                    source,
+                })?;
+        }
+        if counts_towards_loop {
+            self.consecutive_aborts += 1;
+            if self.consecutive_aborts >= MAX_CONSECUTIVE_ABORTS {
+                self.failed = true;
+                m::count_abort_loop();
+                error!(
+                    aborts = self.consecutive_aborts,
+                    "transactions keep aborting at the same input offsets"
+                );
+                return Err(AggregatorError::AbortLoop {
+                    aborts: self.consecutive_aborts,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every owned partition sat at its end for `quiet` after its last usage
+    /// record, with its tick read back (or none needed) and everything committed.
+    fn all_settled(&self, quiet: Duration) -> bool {
+        !self.partitions.is_empty()
+            && !self.in_transaction
+            && self.partitions.values().all(|owned| {
+                owned.at_end
+                    && !owned.dirty
+                    && !owned.tick_in_flight
+                    && owned.last_usage_at.elapsed() >= quiet
+                    && (owned.tick_read_since_usage || owned.tick_is_noop())
+            })
+    }
+
+    fn refresh_gauges(&mut self, consumer: &BaseConsumer<AggregatorContext>) {
+        if self.last_gauges.elapsed() < GAUGE_REFRESH {
+            return;
+        }
+        self.last_gauges = Instant::now();
+        let now = now_ms();
+        let mut open_windows = 0;
+        let mut state_bytes = 0;
+        for (partition, owned) in &self.partitions {
+            open_windows += owned.live.open_windows();
+            state_bytes += owned.live.approx_state_bytes();
+            let lag = consumer
+                .fetch_watermarks(self.topic(), *partition, Duration::from_secs(1))
+                .ok()
+                .map(|(_low, high)| high - owned.next_offset);
+            let delay = owned
+                .live
+                .watermark()
+                .map(|watermark| now.saturating_sub(watermark) as f64 / 1000.0);
+            m::set_partition(*partition, delay, lag);
+        }
+        m::set_state(open_windows, state_bytes);
+    }
+
+    fn resolve_start(
+        &self,
+        consumer: &BaseConsumer<AggregatorContext>,
+        partition: i32,
+        start_from: StartFrom,
+    ) -> Result<i64, AggregatorError> {
+        let topic = self.topic();
+        let watermarks = || {
+            consumer
+                .fetch_watermarks(topic, partition, KAFKA_TIMEOUT)
+                .map_err(|source| AggregatorError::Kafka {
+                    operation: "fetch watermarks",
+                    source,
+                })
+        };
+        match start_from {
+            StartFrom::Earliest => Ok(watermarks()?.0),
+            StartFrom::Latest => Ok(watermarks()?.1),
+            StartFrom::Timestamp(time_ms) => {
+                let mut query = TopicPartitionList::new();
+                query
+                    .add_partition_offset(topic, partition, Offset::Offset(time_ms))
+                    .map_err(|source| AggregatorError::Kafka {
+                        operation: "offsets for times",
+                        source,
+                    })?;
+                let found = consumer
+                    .offsets_for_times(query, KAFKA_TIMEOUT)
+                    .map_err(|source| AggregatorError::Kafka {
+                        operation: "offsets for times",
+                        source,
+                    })?;
+                match found
+                    .find_partition(topic, partition)
+                    .map(|element| element.offset())
+                {
+                    Some(Offset::Offset(offset)) => Ok(offset),
+                    // No record at or after the time: start at the end.
+                    _ => Ok(watermarks()?.1),
+                }
+            }
+        }
+    }
+
+    /// Takes ownership of newly assigned partitions: restores or starts each one and
+    /// writes its start offset into `assignment`.
+    fn on_assign(
+        &mut self,
+        consumer: &BaseConsumer<AggregatorContext>,
+        assignment: &mut TopicPartitionList,
+    ) -> Result<(), AggregatorError> {
+        let topic = self.topic().to_owned();
+        let mut query = TopicPartitionList::new();
+        for element in assignment.elements() {
+            query.add_partition(element.topic(), element.partition());
+        }
+        let committed = consumer
+            .committed_offsets(query, KAFKA_TIMEOUT)
+            .map_err(|source| AggregatorError::Kafka {
+                operation: "fetch committed offsets",
+                source,
+            })?;
+        for element in committed.elements() {
+            let partition = element.partition();
+            let owned = match element.offset() {
+                Offset::Offset(committed_offset) => {
+                    let checkpoint =
+                        Checkpoint::from_metadata(element.metadata()).map_err(|source| {
+                            AggregatorError::BadCheckpoint {
+                                partition,
+                                offset: committed_offset,
+                                source,
+                            }
+                        })?;
+                    let rules = RecordRules {
+                        contracts: &self.settings.contracts,
+                        limits: &self.limits,
+                        partition_count: self.partition_count,
+                    };
+                    let restored = rebuild_partition(
+                        &self.settings,
+                        &rules,
+                        partition,
+                        &checkpoint,
+                        committed_offset,
+                    )?;
+                    m::count_restored(restored.records);
+                    self.summary.records_restored += restored.records;
+                    OwnedPartition::new(restored.state, committed_offset, checkpoint.low_water)
+                }
+                _ => {
+                    let Some(start_from) = self.settings.start_from else {
+                        return Err(AggregatorError::NoStartPosition {
+                            topic: topic.clone(),
+                            partition,
+                            group: self.settings.config.aggregator.group_id.clone(),
+                        });
+                    };
+                    let start = self.resolve_start(consumer, partition, start_from)?;
+                    info!(
+                        partition,
+                        start,
+                        ?start_from,
+                        "partition has no committed offset, starting fresh"
+                    );
+                    let state = PartitionState::new(self.settings.partition_params(partition))?;
+                    let mut owned = OwnedPartition::new(state, start, start);
+                    // Commit the start position at the next commit, so a restart never
+                    // needs --start-from again.
+                    owned.dirty = true;
+                    owned
+                }
+            };
+            assignment
+                .set_partition_offset(&topic, partition, Offset::Offset(owned.next_offset))
+                .map_err(|source| AggregatorError::Kafka {
+                    operation: "set start offset",
+                    source,
+                })?;
+            info!(partition, offset = owned.next_offset, "partition assigned");
+            self.partitions.insert(partition, owned);
+        }
+        Ok(())
+    }
+
+    /// Gives up revoked partitions: commits everything first (or, when the partitions
+    /// were lost to another member, aborts, since their work may be redone there).
+    fn on_revoke(
+        &mut self,
+        consumer: &BaseConsumer<AggregatorContext>,
+        revoked: &TopicPartitionList,
+    ) -> Result<(), AggregatorError> {
+        let revoked: Vec<i32> = revoked
+            .elements()
+            .iter()
+            .map(|element| element.partition())
+            .collect();
+        if self.failed {
+            for partition in &revoked {
+                self.partitions.remove(partition);
+            }
+            return Ok(());
+        }
+        let result = if consumer.assignment_lost() {
+            warn!(?revoked, "partitions lost, aborting the open transaction");
+            for partition in &revoked {
+                self.partitions.remove(partition);
+            }
+            self.abort(consumer, false)
+        } else {
+            let outcome = self.commit(consumer).map(|_| ());
+            for partition in &revoked {
+                self.partitions.remove(partition);
+            }
+            outcome
+        };
+        info!(?revoked, "partitions revoked");
+        result
+    }
+}
+
+/// The consumer context: the engine, and errors raised inside callbacks.
+pub(crate) struct AggregatorContext {
+    engine: Mutex<Engine>,
+    deferred_error: Mutex<Option<AggregatorError>>,
+}
+
+impl AggregatorContext {
+    fn engine(&self) -> Result<MutexGuard<'_, Engine>, AggregatorError> {
+        self.engine.lock().map_err(|_| AggregatorError::Poisoned)
+    }
+
+    fn defer(&self, error: AggregatorError) {
+        if let Ok(mut engine) = self.engine.lock() {
+            engine.failed = true;
+        }
+        if let Ok(mut slot) = self.deferred_error.lock() {
+            slot.get_or_insert(error);
+        }
+    }
+
+    fn take_deferred(&self) -> Option<AggregatorError> {
+        self.deferred_error
+            .lock()
+            .ok()
+            .and_then(|mut slot| slot.take())
+    }
+}
+
+impl ClientContext for AggregatorContext {}
+
+impl ConsumerContext for AggregatorContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let result = self.engine().and_then(|mut engine| {
+                    if engine.failed {
+                        return Ok(());
+                    }
+                    engine.on_assign(consumer, tpl)
+                });
+                match result {
+                    Ok(()) => {
+                        let assigned = if cooperative {
+                            consumer.incremental_assign(tpl)
+                        } else {
+                            consumer.assign(tpl)
+                        };
+                        if let Err(source) = assigned {
+                            self.defer(AggregatorError::Kafka {
+                                operation: "assign",
+                                source,
+                            });
+                        }
+                    }
+                    Err(error) => self.defer(error),
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let result = self
+                    .engine()
+                    .and_then(|mut engine| engine.on_revoke(consumer, tpl));
+                if let Err(error) = result {
+                    self.defer(error);
+                }
+                let unassigned = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(source) = unassigned {
+                    self.defer(AggregatorError::Kafka {
+                        operation: "unassign",
+                        source,
+                    });
+                }
+            }
+            other => {
+                let code = RDKafkaErrorCode::from(other);
+                self.defer(AggregatorError::Rebalance(KafkaError::Rebalance(code)));
+                if let Err(source) = consumer.unassign() {
+                    warn!(error = %source, "unassign after a rebalance error failed");
+                }
+            }
+        }
+    }
+}
+
+fn base_config(settings: &AggregatorSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (key, value) in &settings.config.kafka.client {
+        config.set(key, value);
+    }
+    config.set(
+        "bootstrap.servers",
+        &settings.config.kafka.bootstrap_servers,
+    );
+    config
+}
+
+fn producer_config(settings: &AggregatorSettings) -> ClientConfig {
+    let max_message_bytes = settings
+        .config
+        .topics
+        .max_message_bytes
+        .saturating_add(SIDE_TOPIC_EXTRA_BYTES);
+    let mut config = base_config(settings);
+    config
+        .set("transactional.id", settings.transactional_id())
+        .set("enable.idempotence", "true")
+        .set(
+            "transaction.timeout.ms",
+            settings.transaction_timeout().as_millis().to_string(),
+        )
+        .set("partitioner", "murmur2_random")
+        .set("message.max.bytes", max_message_bytes.to_string());
+    config
+}
+
+fn consumer_config(settings: &AggregatorSettings) -> ClientConfig {
+    let mut config = base_config(settings);
+    config
+        .set("group.id", &settings.config.aggregator.group_id)
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "error")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("group.protocol", "classic")
+        .set("enable.partition.eof", "true");
+    config
+}
+
+fn input_partition_count(
+    producer: &BaseProducer<ProducerCallbacks>,
+    topic: &str,
+) -> Result<u32, AggregatorError> {
+    let metadata = producer
+        .client()
+        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
+        .map_err(|source| AggregatorError::Kafka {
+            operation: "fetch input metadata",
+            source,
+        })?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|candidate| candidate.name() == topic && candidate.error().is_none())
+        .map_or(0, |found| found.partitions().len());
+    match u32::try_from(partitions) {
+        Ok(count) if count > 0 => Ok(count),
+        _ => Err(AggregatorError::MissingTopic {
+            topic: topic.to_owned(),
+        }),
+    }
+}
+
+/// Runs the aggregator until `shutdown` is raised (or, with `exit_after_idle`, until
+/// every partition settled). Blocking: call it on a dedicated thread.
+pub fn run(
+    settings: AggregatorSettings,
+    shutdown: Arc<AtomicBool>,
+) -> Result<RunSummary, AggregatorError> {
+    settings.validate()?;
+    let producer: BaseProducer<ProducerCallbacks> = producer_config(&settings)
+        .create_with_context(ProducerCallbacks {
+            failed_deliveries: AtomicU64::new(0),
+        })
+        .map_err(|source| AggregatorError::Kafka {
+            operation: "create producer",
+            source,
+        })?;
+    producer
+        .init_transactions(KAFKA_TIMEOUT)
+        .map_err(|source| classify("init transactions", source))?;
+    let topic = settings.config.topics.usage_events.clone();
+    let partition_count = input_partition_count(&producer, &topic)?;
+    info!(
+        transactional_id = %settings.transactional_id(),
+        group = %settings.config.aggregator.group_id,
+        %topic,
+        partition_count,
+        "aggregator starting"
+    );
+    let consumer_settings = consumer_config(&settings);
+    let now = Instant::now();
+    let engine = Engine {
+        limits: settings.limits(),
+        settings,
+        producer,
+        partition_count,
+        in_transaction: false,
+        partitions: BTreeMap::new(),
+        transactions_attempted: 0,
+        consecutive_aborts: 0,
+        pending: PendingTotals::default(),
+        summary: RunSummary {
+            exit: ExitReason::Shutdown,
+            transactions_committed: 0,
+            transactions_aborted: 0,
+            rows_emitted: 0,
+            ticks_written: 0,
+            records_restored: 0,
+        },
+        failed: false,
+        last_commit: now,
+        last_gauges: now,
+        buffer: Vec::with_capacity(1024),
+    };
+    let context = AggregatorContext {
+        engine: Mutex::new(engine),
+        deferred_error: Mutex::new(None),
+    };
+    let consumer: BaseConsumer<AggregatorContext> = consumer_settings
+        .create_with_context(context)
+        .map_err(|source| AggregatorError::Kafka {
+            operation: "create consumer",
+            source,
+        })?;
+    let context = Arc::clone(consumer.context());
+    consumer
+        .subscribe(&[topic.as_str()])
+        .map_err(|source| AggregatorError::Kafka {
+            operation: "subscribe",
+            source,
+        })?;
+
+    let result = drive(&consumer, &context, &shutdown);
+    let result = match result {
+        Ok(exit) => finish(&consumer, &context).map(|()| exit),
+        Err(error) => Err(error),
+    };
+    if result.is_err()
+        && let Ok(mut engine) = context.engine.lock()
+    {
+        engine.failed = true;
+    }
+    // Leaves the group; the revoke callback finds nothing left to commit.
+    drop(consumer);
+    let exit = result?;
+    let mut summary = context.engine()?.summary.clone();
+    summary.exit = exit;
+    info!(?summary, "aggregator stopped");
+    Ok(summary)
+}
+
+/// The final commit before leaving the group.
+fn finish(
+    consumer: &BaseConsumer<AggregatorContext>,
+    context: &AggregatorContext,
+) -> Result<(), AggregatorError> {
+    let mut engine = context.engine()?;
+    match engine.commit(consumer)? {
+        CommitOutcome::Aborted => {
+            warn!("the final transaction aborted; its input is re-read by the next owner")
+        }
+        CommitOutcome::Committed | CommitOutcome::NothingToDo => {}
+    }
+    Ok(())
+}
+
+fn drive(
+    consumer: &BaseConsumer<AggregatorContext>,
+    context: &AggregatorContext,
+    shutdown: &AtomicBool,
+) -> Result<ExitReason, AggregatorError> {
+    let (commit_interval, exit_after_idle) = {
+        let engine = context.engine()?;
+        (
+            engine.settings.commit_interval,
+            engine.settings.exit_after_idle,
+        )
+    };
+    let mut last_housekeeping = Instant::now();
+    loop {
+        if shutdown.load(Ordering::SeqCst) {
+            info!("shutdown requested");
+            return Ok(ExitReason::Shutdown);
+        }
+        let polled = consumer.poll(POLL_TIMEOUT);
+        if let Some(error) = context.take_deferred() {
+            return Err(error);
+        }
+        let mut engine = context.engine()?;
+        let mut quiet = false;
+        match polled {
+            None => quiet = true,
+            Some(Ok(message)) => engine.on_record(&message)?,
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                engine.on_eof(partition);
+                quiet = true;
+            }
+            Some(Err(error)) => {
+                if is_fatal(&error) {
+                    return Err(AggregatorError::Fatal {
+                        operation: "consume",
+                        source: error,
+                    });
+                }
+                warn!(error = %error, "consumer error");
+            }
+        }
+        if !quiet && last_housekeeping.elapsed() < HOUSEKEEPING_EVERY {
+            continue;
+        }
+        last_housekeeping = Instant::now();
+        engine.producer.poll(Duration::ZERO);
+        engine.write_idle_ticks()?;
+        if engine.last_commit.elapsed() >= commit_interval {
+            engine.commit(consumer)?;
+        }
+        engine.refresh_gauges(consumer);
+        if exit_after_idle.is_some_and(|quiet_for| engine.all_settled(quiet_for)) {
+            info!("every partition settled, exiting");
+            return Ok(ExitReason::Idle);
+        }
+    }
+}

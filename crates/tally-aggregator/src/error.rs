@@ -1,0 +1,135 @@
+//! Why the aggregator stopped.
+
+use std::path::PathBuf;
+
+use rdkafka::error::KafkaError;
+use tally_core::contracts::ContractsError;
+use tally_core::partition::{ParamsError, PartitionCounters, RowPricingError};
+
+use crate::checkpoint::CheckpointError;
+
+/// Errors that stop the aggregator. None of them loses or duplicates data: whatever
+/// was not committed is re-read by the next owner of the partition.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregatorError {
+    /// Settings that cannot work.
+    #[error("invalid aggregator settings: {0}")]
+    Settings(String),
+    /// The contracts file cannot be read.
+    #[error("cannot read the contracts file {path}")]
+    ContractsFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The contracts file is invalid.
+    #[error("invalid contracts file {path}")]
+    Contracts {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: ContractsError,
+    },
+    /// Partition parameters refused by the state machine.
+    #[error("invalid partition parameters")]
+    Params(#[from] ParamsError),
+    /// A Kafka call failed.
+    #[error("kafka {operation} failed")]
+    Kafka {
+        /// What was being done.
+        operation: &'static str,
+        /// The client error.
+        #[source]
+        source: KafkaError,
+    },
+    /// The producer hit a fatal error (e.g. fenced by a newer instance with the same
+    /// transactional id): the process must exit; its successor restores from Kafka.
+    #[error("fatal producer error during {operation}")]
+    Fatal {
+        /// What was being done.
+        operation: &'static str,
+        /// The client error.
+        #[source]
+        source: KafkaError,
+    },
+    /// The input topic does not exist.
+    #[error("input topic {topic} does not exist (create it with `tally topics create`)")]
+    MissingTopic {
+        /// The topic.
+        topic: String,
+    },
+    /// A partition has no committed offset and no `--start-from` was given.
+    #[error(
+        "partition {topic}/{partition} has no committed offset for group {group}; refusing to guess where to \
+         start: pass --start-from earliest|latest|<epoch ms>"
+    )]
+    NoStartPosition {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The consumer group.
+        group: String,
+    },
+    /// The committed offset's metadata is not a checkpoint this aggregator wrote.
+    #[error("partition {partition}: committed offset {offset} cannot be restored")]
+    BadCheckpoint {
+        /// The partition.
+        partition: i32,
+        /// The committed offset.
+        offset: i64,
+        /// Why.
+        #[source]
+        source: CheckpointError,
+    },
+    /// Re-reading the input did not rebuild the committed counters: the state cannot
+    /// be trusted (input truncated by retention, a different config or contracts).
+    #[error(
+        "partition {partition}: re-reading offsets [{low_water}, {committed_offset}) gave counters {rebuilt:?}, \
+         the checkpoint says {committed:?}; the state cannot be trusted"
+    )]
+    RestoreMismatch {
+        /// The partition.
+        partition: i32,
+        /// Low-water offset re-read from.
+        low_water: i64,
+        /// Committed offset re-read up to.
+        committed_offset: i64,
+        /// Counters from the checkpoint.
+        committed: Box<PartitionCounters>,
+        /// Counters of the rebuilt state.
+        rebuilt: Box<PartitionCounters>,
+    },
+    /// Re-reading the input stalled.
+    #[error(
+        "partition {partition}: re-reading the input stalled at offset {position} before {committed_offset}"
+    )]
+    RestoreStalled {
+        /// The partition.
+        partition: i32,
+        /// Next offset expected.
+        position: i64,
+        /// The committed offset to reach.
+        committed_offset: i64,
+    },
+    /// Closed rows could not be priced.
+    #[error("closed rows could not be priced")]
+    Pricing(#[from] RowPricingError),
+    /// The same input kept aborting transactions.
+    #[error(
+        "{aborts} transactions in a row aborted at the same input offsets; stopping instead of looping"
+    )]
+    AbortLoop {
+        /// How many in a row.
+        aborts: u32,
+    },
+    /// The consumer group rebalance failed.
+    #[error("rebalance failed")]
+    Rebalance(#[source] KafkaError),
+    /// An internal lock was poisoned by a panic.
+    #[error("aggregator state lock poisoned")]
+    Poisoned,
+}

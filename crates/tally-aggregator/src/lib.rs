@@ -1,0 +1,92 @@
+//! tally-aggregator: consume usage.events, dedupe, window, price, and emit billing
+//! aggregates in Kafka transactions.
+//!
+//! [`run`] is the whole process: one consumer in the group `aggregator.group_id`, one
+//! transactional producer, and the [`PartitionState`](tally_core::partition::PartitionState)
+//! of every owned partition, on one blocking thread (librdkafka calls block; the binary
+//! calls [`run`] from `spawn_blocking` or its own thread). Each input record goes through
+//! [`record::apply_record`]: decode → validate against its Kafka timestamp → routing
+//! check → the state machine. Rejected records go to usage.dlq and too-late events to
+//! usage.late, with their original bytes and key and `tally.reason` /
+//! `tally.source.{topic,partition,offset}` headers.
+//!
+//! # Checkpoints and exactly-once semantics
+//!
+//! **One transaction per commit interval.** The producer's `transactional.id` is
+//! `tally-aggregator-<instance-id>` (KIP-447: one transactional producer per process,
+//! fenced by a restarted process with the same id). Within a transaction the aggregator
+//! writes the DLQ/late copies as it reads; at the commit it drains every closed row of
+//! every owned partition to billing.aggregates (key = row id, timestamp = window end,
+//! partition = murmur2(row id)), then `send_offsets_to_transaction` with, for every
+//! owned partition, the next input offset and a [`checkpoint::Checkpoint`] in the
+//! offset-commit metadata (low-water offset and cumulative counters), then
+//! `commit_transaction`. Rows, side records, counters and offsets therefore become
+//! visible to read_committed readers together or not at all. The group metadata is
+//! fetched fresh for every commit, so a commit after a generation change is refused by
+//! the broker instead of overwriting the new owner's offsets.
+//!
+//! **State is not written anywhere: the input is the changelog.** A partition's state
+//! (open panes, the dedupe set, correction sequences, the watermark) is a function of
+//! the partition's records from the low-water offset `L` (the first offset the group
+//! ever consumed there) up to the committed offset `C`. On assignment the aggregator
+//! reads `C` and the checkpoint with `committed_offsets` — for a read_committed consumer
+//! librdkafka asks for *stable* offsets, so a previous owner's pending transaction
+//! resolves first — and re-reads `[L, C)` with a separate read_committed consumer,
+//! applying every record exactly as the live loop did and discarding the rows and side
+//! records (they were committed with `C`). The rebuilt counters must equal the
+//! checkpoint's; otherwise the state cannot be trusted (input lost to retention, changed
+//! contracts or horizons) and the aggregator stops with an error rather than bill from
+//! a wrong state. See [`restore`].
+//!
+//! **Aborts.** After any abort — an abortable transaction error, a failed commit, lost
+//! partitions, the `--abort-every` test hook — the producer is flushed and the
+//! transaction aborted, every owned partition's live state is replaced by the clone
+//! taken at the last commit, and the consumer is seeked to the committed offsets. Since
+//! state is a function of the records up to an offset, the next transaction redoes the
+//! same work. If five transactions in a row abort (no commit in between, i.e. at the same
+//! input offsets) the aggregator stops with an ERROR log and
+//! `tally_aggregator_abort_loops_total` instead of looping.
+//!
+//! **Failures covered.**
+//! - *Crash or SIGKILL mid-transaction*: the open transaction is aborted by the broker
+//!   (timeout) or fenced by the successor's `init_transactions`; the successor restores
+//!   from `C`. Nothing after `C` was visible, nothing before it is redone.
+//! - *Zombie* (a stalled process whose partitions moved): its commit fails because its
+//!   group generation is stale, or its producer is fenced; fatal producer errors stop
+//!   the process (its supervisor restarts it, and it restores from Kafka).
+//! - *Rebalance*: before revoked partitions are released, the open transaction commits
+//!   (with offsets for all owned partitions); partitions reported lost abort it instead.
+//! - *Restart with another instance id*: the new owner reads the same committed offsets;
+//!   the old transactional id's open transaction times out before `committed_offsets`
+//!   returns stable offsets.
+//!
+//! **Ticks.** A partition that has sat at its end for `idle_timeout_ms` gets a tick
+//! appended (inside the current transaction) whose time is the partition's largest
+//! event time plus the idle time that passed; the tick acts only when read back, so live
+//! runs, restores and replays see the same ticks at the same offsets.
+//!
+//! **Start position.** A partition without a committed offset starts where
+//! `--start-from` says; without it the aggregator refuses to start and names the
+//! partition. The start offset is committed at the first commit, so later restarts
+//! never need the flag. Committed offsets always win.
+//!
+//! **Costs and limits.** A restore re-reads the partition's history since `L`:
+//! O(records since the group started). Bounding it by advancing `L` past what the dedupe
+//! horizon and the open windows can still need is future work. The restore runs inside
+//! the rebalance callback, so a restore longer than `max.poll.interval.ms` costs a
+//! rebalance. Snapshots at commit are deep clones of the partitions that changed:
+//! O(state) per commit interval. All owned partitions are processed on one thread;
+//! scale out with more processes in the group.
+
+pub mod checkpoint;
+mod engine;
+pub mod error;
+pub mod metrics;
+pub mod record;
+mod restore;
+pub mod settings;
+
+pub use checkpoint::{Checkpoint, CheckpointError};
+pub use engine::{ExitReason, RunSummary, run};
+pub use error::AggregatorError;
+pub use settings::{AggregateArgs, AggregatorSettings, StartFrom};

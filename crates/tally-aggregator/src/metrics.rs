@@ -1,0 +1,260 @@
+//! Metric names, HELP texts and the per-commit updates of the aggregator.
+//!
+//! Names follow `tally_aggregator_<name>_<unit>[_total]`. Labels come from small fixed
+//! sets: `reason` (decode reasons, `misrouted`, the state machine's reasons), `kind`,
+//! `cloud` (the schema's symbols), `partition` (bounded by the partition count). Record
+//! counters are updated once per committed transaction from the committed counter
+//! deltas, so they count committed work only (aborted work is not double counted) and
+//! the hot path never calls a labelled macro.
+
+use std::collections::BTreeMap;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use tally_core::event::Cloud;
+use tally_core::partition::PartitionCounters;
+
+/// Usage records consumed and committed (ticks excluded).
+pub const CONSUMED_RECORDS: &str = "tally_aggregator_consumed_records_total";
+/// Billing rows written in committed transactions.
+pub const EMITTED_ROWS: &str = "tally_aggregator_emitted_rows_total";
+/// Events too late for a correction (written to usage.late).
+pub const TOO_LATE_EVENTS: &str = "tally_aggregator_too_late_events_total";
+/// Duplicate events dropped, by `kind` (exact | conflicting).
+pub const DUPLICATE_EVENTS: &str = "tally_aggregator_duplicate_events_total";
+/// Rejected records (written to usage.dlq), by `reason`.
+pub const REJECTED_RECORDS: &str = "tally_aggregator_rejected_records_total";
+/// Ticks appended to idle partitions.
+pub const TICKS_WRITTEN: &str = "tally_aggregator_ticks_written_total";
+/// Ticks read from the input.
+pub const TICKS_READ: &str = "tally_aggregator_ticks_read_total";
+/// Events counted as corrections to closed windows.
+pub const CORRECTIONS: &str = "tally_aggregator_corrections_total";
+/// Windows with an open pane, over owned partitions.
+pub const OPEN_WINDOWS: &str = "tally_aggregator_open_windows";
+/// Estimated state size, over owned partitions.
+pub const STATE_BYTES: &str = "tally_aggregator_state_bytes";
+/// Wall clock minus the partition's watermark, by `partition`.
+pub const WATERMARK_DELAY: &str = "tally_aggregator_watermark_delay_seconds";
+/// High watermark minus the next offset to process, by `partition`.
+pub const CONSUMER_LAG: &str = "tally_aggregator_consumer_lag_records";
+/// Time of send_offsets_to_transaction + commit_transaction.
+pub const TRANSACTION_COMMIT: &str = "tally_aggregator_transaction_commit_seconds";
+/// Transactions aborted (errors, lost partitions, the test hook).
+pub const TRANSACTIONS_ABORTED: &str = "tally_aggregator_transactions_aborted_total";
+/// Input records re-read to rebuild partition state after an assignment.
+pub const RESTORED_RECORDS: &str = "tally_aggregator_restored_records_total";
+/// Tokens in committed billing rows, by `cloud` and `kind`.
+pub const TOKENS: &str = "tally_aggregator_tokens_total";
+/// Gross revenue in committed billing rows, micro-units of the currency, by `cloud`.
+pub const GROSS_MICROS: &str = "tally_aggregator_gross_micros_total";
+/// The aggregator stopped because the same input kept aborting its transaction.
+pub const ABORT_LOOPS: &str = "tally_aggregator_abort_loops_total";
+
+/// Buckets of the commit-latency histogram, seconds.
+pub const COMMIT_SECONDS_BUCKETS: [f64; 10] =
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// Registers HELP texts (call once, after installing a recorder).
+pub fn describe() {
+    describe_counter!(
+        CONSUMED_RECORDS,
+        Unit::Count,
+        "Usage records consumed in committed transactions (ticks excluded)."
+    );
+    describe_counter!(
+        EMITTED_ROWS,
+        Unit::Count,
+        "Billing rows written in committed transactions."
+    );
+    describe_counter!(
+        TOO_LATE_EVENTS,
+        Unit::Count,
+        "Events too late for a correction, written to usage.late."
+    );
+    describe_counter!(
+        DUPLICATE_EVENTS,
+        Unit::Count,
+        "Duplicate events dropped, by kind (exact, conflicting)."
+    );
+    describe_counter!(
+        REJECTED_RECORDS,
+        Unit::Count,
+        "Rejected records written to usage.dlq, by reason."
+    );
+    describe_counter!(
+        TICKS_WRITTEN,
+        Unit::Count,
+        "Ticks appended to idle input partitions."
+    );
+    describe_counter!(TICKS_READ, Unit::Count, "Ticks read from the input.");
+    describe_counter!(
+        CORRECTIONS,
+        Unit::Count,
+        "Events counted as corrections to closed windows."
+    );
+    describe_gauge!(
+        OPEN_WINDOWS,
+        Unit::Count,
+        "Windows with an open pane, over owned partitions."
+    );
+    describe_gauge!(
+        STATE_BYTES,
+        Unit::Bytes,
+        "Estimated heap bytes of partition state."
+    );
+    describe_gauge!(
+        WATERMARK_DELAY,
+        Unit::Seconds,
+        "Wall clock minus the partition watermark."
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        Unit::Count,
+        "High watermark minus the next offset to process."
+    );
+    describe_histogram!(
+        TRANSACTION_COMMIT,
+        Unit::Seconds,
+        "Latency of sending offsets and committing a transaction."
+    );
+    describe_counter!(TRANSACTIONS_ABORTED, Unit::Count, "Transactions aborted.");
+    describe_counter!(
+        RESTORED_RECORDS,
+        Unit::Count,
+        "Input records re-read to rebuild partition state."
+    );
+    describe_counter!(
+        TOKENS,
+        Unit::Count,
+        "Tokens in committed billing rows, by cloud and token kind."
+    );
+    describe_counter!(
+        GROSS_MICROS,
+        Unit::Count,
+        "Gross revenue in committed billing rows, micro-units, by cloud."
+    );
+    describe_counter!(
+        ABORT_LOOPS,
+        Unit::Count,
+        "Stops because the same input kept aborting transactions."
+    );
+}
+
+/// Business totals of the rows of one transaction, applied when it commits.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PendingTotals {
+    /// Per cloud index: input, cached input, output, reasoning tokens; gross micros.
+    by_cloud: BTreeMap<u32, ([u64; 4], i64)>,
+    /// Rejected records by reason.
+    rejected: BTreeMap<&'static str, u64>,
+    rows: u64,
+    ticks_written: u64,
+}
+
+impl PendingTotals {
+    pub(crate) fn add_row(&mut self, row: &tally_core::aggregate::BillingAggregate) {
+        self.rows += 1;
+        let entry = self.by_cloud.entry(row.dims.cloud.index()).or_default();
+        let tokens = [
+            row.tokens.input,
+            row.tokens.cached_input,
+            row.tokens.output,
+            row.tokens.reasoning,
+        ];
+        for (sum, add) in entry.0.iter_mut().zip(tokens) {
+            *sum = sum.saturating_add(add);
+        }
+        entry.1 = entry.1.saturating_add(row.gross_micros);
+    }
+
+    pub(crate) fn add_rejected(&mut self, reason: &'static str) {
+        *self.rejected.entry(reason).or_default() += 1;
+    }
+
+    pub(crate) fn add_tick_written(&mut self) {
+        self.ticks_written += 1;
+    }
+
+    pub(crate) fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    pub(crate) fn ticks_written(&self) -> u64 {
+        self.ticks_written
+    }
+
+    /// Publishes the totals of a committed transaction.
+    pub(crate) fn publish(&self) {
+        counter!(EMITTED_ROWS).increment(self.rows);
+        counter!(TICKS_WRITTEN).increment(self.ticks_written);
+        for (reason, count) in &self.rejected {
+            counter!(REJECTED_RECORDS, "reason" => *reason).increment(*count);
+        }
+        for (cloud_index, (tokens, gross)) in &self.by_cloud {
+            let cloud = Cloud::from_index(*cloud_index).map_or("unknown", Cloud::as_str);
+            for (kind, count) in ["input", "cached_input", "output", "reasoning"]
+                .into_iter()
+                .zip(tokens)
+            {
+                counter!(TOKENS, "cloud" => cloud, "kind" => kind).increment(*count);
+            }
+            counter!(GROSS_MICROS, "cloud" => cloud).increment(u64::try_from(*gross).unwrap_or(0));
+        }
+    }
+}
+
+/// Publishes the counter deltas of one partition between two commits.
+pub(crate) fn publish_counter_delta(before: &PartitionCounters, after: &PartitionCounters) {
+    let delta = |a: u64, b: u64| b.saturating_sub(a);
+    counter!(CONSUMED_RECORDS).increment(delta(before.consumed, after.consumed));
+    counter!(TOO_LATE_EVENTS).increment(delta(before.too_late, after.too_late));
+    counter!(CORRECTIONS).increment(delta(before.corrections, after.corrections));
+    counter!(TICKS_READ).increment(delta(before.ticks, after.ticks));
+    let conflicting = delta(before.conflicting_duplicates, after.conflicting_duplicates);
+    let duplicates = delta(before.duplicates, after.duplicates);
+    counter!(DUPLICATE_EVENTS, "kind" => "exact").increment(duplicates.saturating_sub(conflicting));
+    counter!(DUPLICATE_EVENTS, "kind" => "conflicting").increment(conflicting);
+}
+
+/// Records one commit's latency.
+pub(crate) fn record_commit_seconds(seconds: f64) {
+    histogram!(TRANSACTION_COMMIT).record(seconds);
+}
+
+/// Counts an aborted transaction.
+pub(crate) fn count_abort() {
+    counter!(TRANSACTIONS_ABORTED).increment(1);
+}
+
+/// Counts re-read records.
+pub(crate) fn count_restored(records: u64) {
+    counter!(RESTORED_RECORDS).increment(records);
+}
+
+/// Counts a stop caused by an abort loop.
+pub(crate) fn count_abort_loop() {
+    counter!(ABORT_LOOPS).increment(1);
+}
+
+/// Sets the state gauges.
+pub(crate) fn set_state(open_windows: usize, state_bytes: usize) {
+    gauge!(OPEN_WINDOWS).set(open_windows as f64);
+    gauge!(STATE_BYTES).set(state_bytes as f64);
+}
+
+/// Sets one partition's watermark delay and lag gauges.
+pub(crate) fn set_partition(
+    partition: i32,
+    watermark_delay_seconds: Option<f64>,
+    lag_records: Option<i64>,
+) {
+    let label = partition.to_string();
+    if let Some(delay) = watermark_delay_seconds {
+        gauge!(WATERMARK_DELAY, "partition" => label.clone()).set(delay);
+    }
+    if let Some(lag) = lag_records {
+        gauge!(CONSUMER_LAG, "partition" => label).set(lag.max(0) as f64);
+    }
+}

@@ -1,0 +1,171 @@
+//! Rebuilding a partition's state from the input ("the input is the changelog").
+//!
+//! On assignment, a partition with committed offset `C` and checkpoint low-water `L`
+//! gets its state back by re-reading `[L, C)` with a separate, group-less,
+//! read_committed consumer and feeding every record to a fresh
+//! [`PartitionState`] through [`apply_record`] — exactly what the live loop did. Rows
+//! closed on the way and too-late/rejected copies are discarded: they were committed
+//! together with `C`. The rebuilt counters must equal the checkpoint's, or the state
+//! cannot be trusted and the aggregator stops.
+//!
+//! Stopping: a record at offset `≥ C` ends the re-read (it is not applied). The last
+//! data offset below `C` may be smaller than `C − 1` (transaction markers occupy
+//! offsets and are never delivered), so reaching the partition's end also ends it:
+//! `C` was committed after its records were visible to a read_committed reader, so the
+//! last stable offset is at least `C` and the end lies at or past it.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tally_core::partition::PartitionState;
+use tracing::{debug, info};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::AggregatorError;
+use crate::record::{InputRecord, RecordRules, apply_record};
+use crate::settings::AggregatorSettings;
+
+/// How long the re-read may go without a record or an end-of-partition event.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Closed rows kept before they are drained (and dropped) during a re-read.
+const DRAIN_EVERY_ROWS: usize = 4_096;
+
+/// A rebuilt partition state and how many records it took.
+pub(crate) struct Restored {
+    pub(crate) state: PartitionState,
+    pub(crate) records: u64,
+}
+
+fn restore_client_config(settings: &AggregatorSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    for (key, value) in &settings.config.kafka.client {
+        config.set(key, value);
+    }
+    config
+        .set(
+            "bootstrap.servers",
+            &settings.config.kafka.bootstrap_servers,
+        )
+        // Never joins the group (assign, not subscribe) and never commits.
+        .set(
+            "group.id",
+            format!("{}.restore", settings.config.aggregator.group_id),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "error");
+    config
+}
+
+/// Re-reads `[checkpoint.low_water, committed_offset)` of `partition` into a fresh state.
+pub(crate) fn rebuild_partition(
+    settings: &AggregatorSettings,
+    rules: &RecordRules<'_>,
+    partition: i32,
+    checkpoint: &Checkpoint,
+    committed_offset: i64,
+) -> Result<Restored, AggregatorError> {
+    let topic = settings.config.topics.usage_events.as_str();
+    let mut state = PartitionState::new(settings.partition_params(partition))?;
+    let mut records = 0_u64;
+    let started = Instant::now();
+    if committed_offset > checkpoint.low_water {
+        let consumer: BaseConsumer =
+            restore_client_config(settings)
+                .create()
+                .map_err(|source| AggregatorError::Kafka {
+                    operation: "create restore consumer",
+                    source,
+                })?;
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset(topic, partition, Offset::Offset(checkpoint.low_water))
+            .map_err(|source| AggregatorError::Kafka {
+                operation: "assign restore consumer",
+                source,
+            })?;
+        consumer
+            .assign(&assignment)
+            .map_err(|source| AggregatorError::Kafka {
+                operation: "assign restore consumer",
+                source,
+            })?;
+        let mut next_offset = checkpoint.low_water;
+        let mut last_progress = Instant::now();
+        loop {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(message)) => {
+                    last_progress = Instant::now();
+                    if message.partition() != partition || message.offset() < next_offset {
+                        continue;
+                    }
+                    if message.offset() >= committed_offset {
+                        break;
+                    }
+                    let record = InputRecord {
+                        partition,
+                        offset: message.offset(),
+                        key: message.key(),
+                        value: message.payload().unwrap_or_default(),
+                        timestamp_ms: message.timestamp().to_millis(),
+                    };
+                    // Outcomes are ignored: their writes were committed with the offsets.
+                    let _ = apply_record(&mut state, rules, &record);
+                    next_offset = message.offset() + 1;
+                    records += 1;
+                    if state.closed_pending() >= DRAIN_EVERY_ROWS {
+                        let _committed_rows = state.drain_closed(rules.contracts)?;
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(eof_partition)))
+                    if eof_partition == partition =>
+                {
+                    debug!(
+                        partition,
+                        next_offset, committed_offset, "restore reached the partition end"
+                    );
+                    break;
+                }
+                Some(Err(source)) => {
+                    return Err(AggregatorError::Kafka {
+                        operation: "re-read input",
+                        source,
+                    });
+                }
+                None => {}
+            }
+            if last_progress.elapsed() > STALL_TIMEOUT {
+                return Err(AggregatorError::RestoreStalled {
+                    partition,
+                    position: next_offset,
+                    committed_offset,
+                });
+            }
+        }
+    }
+    let _committed_rows = state.drain_closed(rules.contracts)?;
+    if state.counters() != checkpoint.counters {
+        return Err(AggregatorError::RestoreMismatch {
+            partition,
+            low_water: checkpoint.low_water,
+            committed_offset,
+            committed: Box::new(checkpoint.counters),
+            rebuilt: Box::new(state.counters()),
+        });
+    }
+    info!(
+        partition,
+        low_water = checkpoint.low_water,
+        committed_offset,
+        records,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "partition state restored from the input"
+    );
+    Ok(Restored { state, records })
+}

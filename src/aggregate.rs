@@ -1,0 +1,53 @@
+//! `tally aggregate`: runs the exactly-once aggregator until SIGTERM or Ctrl-C.
+//!
+//! librdkafka's consumer, producer and transaction calls block, so the aggregator runs
+//! on its own blocking thread; this async side only serves `/metrics` and turns
+//! signals into the shutdown flag. On SIGTERM the aggregator commits its open
+//! transaction, leaves the group and the process exits 0.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use tally_aggregator::{AggregateArgs, AggregatorSettings, metrics};
+use tally_core::config::Config;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
+
+pub(crate) async fn run(config: Config, args: &AggregateArgs) -> anyhow::Result<()> {
+    let histograms: [(&str, &[f64]); 1] = [(
+        metrics::TRANSACTION_COMMIT,
+        &metrics::COMMIT_SECONDS_BUCKETS,
+    )];
+    if let Some(address) = crate::telemetry::init_metrics(&config.metrics.listen, &histograms)? {
+        info!(%address, "serving metrics");
+    }
+    metrics::describe();
+    let settings =
+        AggregatorSettings::from_args(config, args).context("cannot start the aggregator")?;
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let flag = Arc::clone(&shutdown);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => info!("sigterm received, finishing the current transaction"),
+            _ = tokio::signal::ctrl_c() => info!("interrupt received, finishing the current transaction"),
+        }
+        flag.store(true, Ordering::Release);
+    });
+
+    let summary = tokio::task::spawn_blocking(move || tally_aggregator::run(settings, shutdown))
+        .await
+        .context("aggregator thread failed")??;
+    info!(
+        exit = ?summary.exit,
+        transactions_committed = summary.transactions_committed,
+        transactions_aborted = summary.transactions_aborted,
+        rows_emitted = summary.rows_emitted,
+        ticks_written = summary.ticks_written,
+        records_restored = summary.records_restored,
+        "aggregator stopped"
+    );
+    Ok(())
+}
