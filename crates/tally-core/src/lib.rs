@@ -16,5 +16,6 @@ pub mod identity;
 pub mod money;
 pub mod partition;
 pub mod routing;
+pub mod timefmt;
 pub mod validate;
 pub mod window;

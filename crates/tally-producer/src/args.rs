@@ -201,102 +201,21 @@ fn parse_time_arg(text: &str) -> Result<i64, TimeParseError> {
     parse_time_ms(text)
 }
 
-/// Parses RFC 3339 (`YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`, `T` or a space) or
-/// integer epoch milliseconds into UTC milliseconds. Fractions below a millisecond are
-/// truncated.
+/// Parses RFC 3339 (`YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`) or integer epoch
+/// milliseconds into UTC milliseconds. Fractions below a millisecond are truncated.
 pub fn parse_time_ms(text: &str) -> Result<i64, TimeParseError> {
-    let fail = |problem| TimeParseError {
-        text: text.to_owned(),
-        problem,
-    };
     let trimmed = text.trim();
     let digits = trimmed.strip_prefix('-').unwrap_or(trimmed);
     if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-        return trimmed
-            .parse::<i64>()
-            .map_err(|_| fail("epoch milliseconds out of range"));
+        return trimmed.parse::<i64>().map_err(|_| TimeParseError {
+            text: text.to_owned(),
+            problem: "epoch milliseconds out of range",
+        });
     }
-    let bytes = trimmed.as_bytes();
-    if bytes.len() < 20 {
-        return Err(fail("too short"));
-    }
-    let number = |range: std::ops::Range<usize>| -> Result<i64, TimeParseError> {
-        let part = &bytes[range];
-        if !part.iter().all(u8::is_ascii_digit) {
-            return Err(fail("expected digits"));
-        }
-        Ok(part
-            .iter()
-            .fold(0_i64, |value, digit| value * 10 + i64::from(digit - b'0')))
-    };
-    let separators_ok = bytes[4] == b'-'
-        && bytes[7] == b'-'
-        && matches!(bytes[10], b'T' | b't' | b' ')
-        && bytes[13] == b':'
-        && bytes[16] == b':';
-    if !separators_ok {
-        return Err(fail("expected YYYY-MM-DDTHH:MM:SS"));
-    }
-    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
-    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
-        return Err(fail("no such date"));
-    }
-    if hour > 23 || minute > 59 || second > 60 {
-        return Err(fail("no such time of day"));
-    }
-    let mut position = 19;
-    let mut millis = 0_i64;
-    if bytes[position] == b'.' {
-        position += 1;
-        let start = position;
-        while position < bytes.len() && bytes[position].is_ascii_digit() {
-            position += 1;
-        }
-        if position == start {
-            return Err(fail("empty fraction of a second"));
-        }
-        for (index, digit) in bytes[start..position].iter().take(3).enumerate() {
-            millis += i64::from(digit - b'0') * [100, 10, 1][index];
-        }
-    }
-    let offset_minutes = match &bytes[position..] {
-        [b'Z' | b'z'] => 0,
-        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
-            let offset =
-                number(position + 1..position + 3)? * 60 + number(position + 4..position + 6)?;
-            if *sign == b'-' { -offset } else { offset }
-        }
-        _ => return Err(fail("expected Z or an offset like +02:00")),
-    };
-    // A leap second is read as the next second's start.
-    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3_600 + minute * 60 + second
-        - offset_minutes * 60;
-    Ok(seconds * 1000 + millis)
-}
-
-fn is_leap_year(year: i64) -> bool {
-    (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if is_leap_year(year) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let shifted_month = (month + 9) % 12;
-    let day_of_year = (153 * shifted_month + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
+    tally_core::timefmt::parse_rfc3339_ms(trimmed).ok_or_else(|| TimeParseError {
+        text: text.to_owned(),
+        problem: "not an RFC 3339 time",
+    })
 }
 
 #[cfg(test)]
@@ -329,7 +248,7 @@ mod tests {
             Ok(DEFAULT_START_TIME_MS)
         );
         assert_eq!(
-            parse_time_ms("2024-02-29 12:30:00.123456-01:30"),
+            parse_time_ms("2024-02-29T12:30:00.123456-01:30"),
             Ok(1_709_215_200_123)
         );
         assert_eq!(parse_time_ms("1735689600000"), Ok(DEFAULT_START_TIME_MS));
