@@ -234,13 +234,25 @@ impl UsageEventRef<'_> {
 
 /// The `attributes` map of a [`UsageEventRef`]: the validated Avro encoding of the map,
 /// read again on iteration (no allocation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct AttributesRef<'a> {
     /// The map's encoding: blocks and the terminating zero count.
     encoded: &'a [u8],
+    /// `encoded` as text, when the decoder found it to be UTF-8 as a whole with every
+    /// length and count a single ASCII byte: then every key and value is a slice of it
+    /// and iteration needs no further UTF-8 check.
+    text: Option<&'a str>,
     /// Number of entries on the wire.
     len: usize,
 }
+
+impl PartialEq for AttributesRef<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.encoded == other.encoded
+    }
+}
+
+impl Eq for AttributesRef<'_> {}
 
 impl<'a> AttributesRef<'a> {
     /// Number of entries on the wire (a repeated key counts each time).
@@ -268,6 +280,7 @@ impl<'a> AttributesRef<'a> {
     pub fn iter(&self) -> AttributesIter<'a> {
         AttributesIter {
             reader: Reader::new(self.encoded),
+            text: self.text,
             left_in_block: 0,
         }
     }
@@ -286,7 +299,22 @@ impl<'a> IntoIterator for AttributesRef<'a> {
 #[derive(Debug, Clone)]
 pub struct AttributesIter<'a> {
     reader: Reader<'a>,
+    text: Option<&'a str>,
     left_in_block: u64,
+}
+
+impl<'a> AttributesIter<'a> {
+    /// The next key or value.
+    #[inline]
+    fn next_str(&mut self) -> Option<&'a str> {
+        match self.text {
+            Some(text) => {
+                let range = self.reader.byte_range("attributes").ok()?;
+                text.get(range)
+            }
+            None => self.reader.str("attributes").ok(),
+        }
+    }
 }
 
 impl<'a> Iterator for AttributesIter<'a> {
@@ -302,8 +330,8 @@ impl<'a> Iterator for AttributesIter<'a> {
             }
         }
         self.left_in_block -= 1;
-        let key = self.reader.str("attributes").ok()?;
-        let value = self.reader.str("attributes").ok()?;
+        let key = self.next_str()?;
+        let value = self.next_str()?;
         Some((key, value))
     }
 }
@@ -335,7 +363,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<Decoded, DecodeError> {
 /// Decodes a record of `usage.events` without copying its text: the hot path for
 /// consumers that only keep a few fields. Accepts and rejects exactly the records
 /// [`decode_record`] does.
-#[inline]
+#[inline(always)]
 pub fn decode_record_ref(bytes: &[u8]) -> Result<DecodedRef<'_>, DecodeError> {
     let (schema, datum) = split_frame(bytes)?;
     let mut reader = Reader::new(datum);
@@ -363,8 +391,122 @@ pub fn decode_aggregate(bytes: &[u8]) -> Result<BillingAggregate, DecodeError> {
     Ok(row)
 }
 
-#[inline]
+/// Reads a UsageEvent datum: [`read_usage_event_fast`], and when that declines, the
+/// field-by-field [`read_usage_event_exact`] from the same position.
+#[inline(always)]
 fn read_usage_event<'a>(
+    reader: &mut Reader<'a>,
+    with_service_tier: bool,
+) -> Result<UsageEventRef<'a>, DecodeError> {
+    let start = reader.pos;
+    if let Some(event) = read_usage_event_fast(reader, with_service_tier) {
+        return Ok(event);
+    }
+    reader.pos = start;
+    read_usage_event_exact(reader, with_service_tier)
+}
+
+/// The common case, with fewer UTF-8 checks: text fields are first read as byte ranges,
+/// then checked in three spans (request_id; tenant_id to region; attributes to the end)
+/// with one `from_utf8` each, every field being a slice of its checked span. Returns
+/// `None` (and leaves the reader anywhere) for anything unusual: any malformed or
+/// invalid field, a span that is not UTF-8 as a whole, a length or count in the
+/// attributes that is not a single byte. Whenever it returns an event,
+/// [`read_usage_event_exact`] returns the same one, which the unit tests check.
+#[inline(always)]
+fn read_usage_event_fast<'a>(
+    reader: &mut Reader<'a>,
+    with_service_tier: bool,
+) -> Option<UsageEventRef<'a>> {
+    let bytes = reader.bytes;
+    let event_id = parse_event_id(reader.bytes("event_id").ok()?)?;
+    let request_id = std::str::from_utf8(reader.bytes("request_id").ok()?).ok()?;
+    let occurred_at_ms = reader.long("occurred_at").ok()?;
+    let dims_start = reader.pos;
+    let tenant_id = reader.byte_range("tenant_id").ok()?;
+    let model = reader.byte_range("model").ok()?;
+    let cloud = Cloud::from_index(reader.enum_index("cloud").ok()?)?;
+    let channel_partner = match reader.long("channel_partner").ok()? {
+        0 => None,
+        1 => Some(reader.byte_range("channel_partner").ok()?),
+        _ => return None,
+    };
+    let region = reader.byte_range("region").ok()?;
+    let dims = std::str::from_utf8(bytes.get(dims_start..reader.pos)?).ok()?;
+    let dims_text =
+        |range: std::ops::Range<usize>| dims.get(range.start - dims_start..range.end - dims_start);
+    let tokens = TokenCounts {
+        input: reader.token_count("input_tokens").ok()?,
+        cached_input: reader.token_count("cached_input_tokens").ok()?,
+        output: reader.token_count("output_tokens").ok()?,
+        reasoning: reader.token_count("reasoning_tokens").ok()?,
+    };
+    let status = RequestStatus::from_index(reader.enum_index("status").ok()?)?;
+    let attributes_start = reader.pos;
+    let mut attribute_count = 0usize;
+    loop {
+        // Single-byte, non-negative counts only: larger maps take the exact path.
+        let count = *bytes.get(reader.pos)?;
+        if count >= 0x80 || count & 1 == 1 {
+            return None;
+        }
+        reader.pos += 1;
+        if count == 0 {
+            break;
+        }
+        for _ in 0..count / 2 {
+            for _ in 0..2 {
+                if *bytes.get(reader.pos)? >= 0x80 {
+                    return None;
+                }
+                reader.byte_range("attributes").ok()?;
+            }
+            attribute_count += 1;
+        }
+    }
+    let attributes_end = reader.pos;
+    let service_tier = if with_service_tier {
+        match reader.long("service_tier").ok()? {
+            0 => None,
+            1 => Some(reader.byte_range("service_tier").ok()?),
+            _ => return None,
+        }
+    } else {
+        None
+    };
+    let tail = std::str::from_utf8(bytes.get(attributes_start..reader.pos)?).ok()?;
+    let service_tier = match service_tier {
+        None => None,
+        Some(range) => {
+            Some(tail.get(range.start - attributes_start..range.end - attributes_start)?)
+        }
+    };
+    Some(UsageEventRef {
+        event_id,
+        request_id,
+        occurred_at_ms,
+        tenant_id: dims_text(tenant_id)?,
+        model: dims_text(model)?,
+        cloud,
+        channel_partner: match channel_partner {
+            None => None,
+            Some(range) => Some(dims_text(range)?),
+        },
+        region: dims_text(region)?,
+        tokens,
+        status,
+        attributes: AttributesRef {
+            encoded: bytes.get(attributes_start..attributes_end)?,
+            text: Some(tail.get(..attributes_end - attributes_start)?),
+            len: attribute_count,
+        },
+        service_tier,
+    })
+}
+
+/// Reads a UsageEvent datum field by field, reporting the first problem in field order.
+#[inline(never)]
+fn read_usage_event_exact<'a>(
     reader: &mut Reader<'a>,
     with_service_tier: bool,
 ) -> Result<UsageEventRef<'a>, DecodeError> {
@@ -395,6 +537,7 @@ fn read_usage_event<'a>(
     })?;
     let attributes = AttributesRef {
         encoded: &reader.bytes[attributes_start..reader.pos],
+        text: None,
         len: attribute_count,
     };
     let service_tier = if with_service_tier {
@@ -573,17 +716,41 @@ impl<'a> Reader<'a> {
     /// longer numbers take [`Self::long_multi_byte`].
     #[inline(always)]
     fn long(&mut self, field: &'static str) -> Result<i64, DecodeError> {
-        match self.bytes.get(self.pos) {
-            Some(&byte) if byte < 0x80 => {
-                self.pos += 1;
-                Ok(unzigzag(u64::from(byte)))
-            }
-            _ => self.long_multi_byte(field),
+        if let Some(&byte) = self.bytes.get(self.pos)
+            && byte < 0x80
+        {
+            self.pos += 1;
+            return Ok(unzigzag(u64::from(byte)));
         }
+        self.long_multi_byte(field)
     }
 
-    #[inline(never)]
+    /// A varint of any length. With ten bytes left (the longest varint) the loop runs
+    /// over a fixed-size array without per-byte bounds checks; near the end of the
+    /// datum it checks every byte.
+    #[inline]
     fn long_multi_byte(&mut self, field: &'static str) -> Result<i64, DecodeError> {
+        const OVERFLOW: &str = "varint overflows 64 bits";
+        if let Some(window) = self.bytes.get(self.pos..self.pos.saturating_add(10))
+            && let Ok(window) = <&[u8; 10]>::try_from(window)
+        {
+            let mut value: u64 = 0;
+            for (index, &byte) in window.iter().enumerate() {
+                value |= u64::from(byte & 0x7f) << (7 * index);
+                if byte < 0x80 {
+                    // The tenth byte holds bit 63 only.
+                    if index == 9 && byte > 1 {
+                        break;
+                    }
+                    self.pos += index + 1;
+                    return Ok(unzigzag(value));
+                }
+            }
+            return Err(DecodeError::Malformed {
+                field,
+                problem: OVERFLOW,
+            });
+        }
         let mut value: u64 = 0;
         let mut shift = 0u32;
         loop {
@@ -599,7 +766,7 @@ impl<'a> Reader<'a> {
             if shift == 63 && byte > 1 {
                 return Err(DecodeError::Malformed {
                     field,
-                    problem: "varint overflows 64 bits",
+                    problem: OVERFLOW,
                 });
             }
             value |= u64::from(byte & 0x7f) << shift;
@@ -662,6 +829,13 @@ impl<'a> Reader<'a> {
         };
         self.pos += len;
         Ok(slice)
+    }
+
+    /// A `bytes`/`string` value as its position in the datum.
+    #[inline(always)]
+    fn byte_range(&mut self, field: &'static str) -> Result<std::ops::Range<usize>, DecodeError> {
+        let len = self.bytes(field)?.len();
+        Ok(self.pos - len..self.pos)
     }
 
     #[inline(always)]
@@ -767,6 +941,170 @@ mod tests {
         }
         for text in cases {
             assert_eq!(parse_event_id(&text), EventId::parse(&text), "{text:?}");
+        }
+    }
+
+    /// A long read: the value and the position after it.
+    type LongRead = Result<(i64, usize), DecodeError>;
+
+    /// Reads one long from `bytes`, then from `bytes` followed by ten bytes of padding,
+    /// so both the bounds-checked and the fixed-window paths are exercised.
+    fn read_long_both_ways(bytes: &[u8]) -> [LongRead; 2] {
+        let mut padded = bytes.to_vec();
+        padded.extend_from_slice(&[0; 10]);
+        [bytes, &padded[..]].map(|input| {
+            let mut reader = Reader::new(input);
+            reader.long("n").map(|value| (value, reader.pos))
+        })
+    }
+
+    #[test]
+    fn varint_paths_agree_near_and_far_from_the_end() {
+        let overflow = Err(DecodeError::Malformed {
+            field: "n",
+            problem: "varint overflows 64 bits",
+        });
+        let cases: [(&[u8], LongRead); 7] = [
+            (&[0x02], Ok((1, 1))),
+            (&[0x80, 0x01], Ok((64, 2))),
+            (
+                &[0xfe, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+                Ok((i64::MAX, 10)),
+            ),
+            (
+                &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01],
+                Ok((i64::MIN, 10)),
+            ),
+            (
+                &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02],
+                overflow.clone(),
+            ),
+            (
+                &[
+                    0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x81, 0x00,
+                ],
+                overflow,
+            ),
+            // A non-minimal encoding of 0 is still a valid varint.
+            (&[0x80, 0x80, 0x00], Ok((0, 3))),
+        ];
+        for (bytes, expected) in cases {
+            let [near_end, far_from_end] = read_long_both_ways(bytes);
+            assert_eq!(near_end, expected, "{bytes:02x?}");
+            assert_eq!(far_from_end, expected, "{bytes:02x?} padded");
+        }
+        let [truncated, _] = read_long_both_ways(&[0x80, 0x80]);
+        assert_eq!(
+            truncated,
+            Err(DecodeError::Malformed {
+                field: "n",
+                problem: "datum ends inside a number"
+            })
+        );
+    }
+
+    fn event(text: &str, attributes: &[(&str, &str)], tier: Option<&str>) -> UsageEvent {
+        UsageEvent {
+            event_id: EventId(0x5f0c_2a91_7d3e_4b8a_9c1f_0e6d_42b7_a913),
+            request_id: format!("req_{text}"),
+            occurred_at_ms: 1_767_225_600_123,
+            tenant_id: format!("tenant-{text}"),
+            model: "atlas-large".to_owned(),
+            cloud: Cloud::Aws,
+            channel_partner: Some(format!("partner-{text}")),
+            region: "us-east-1".to_owned(),
+            tokens: TokenCounts {
+                input: 1_843,
+                cached_input: 0,
+                output: 617,
+                reasoning: 1 << 40,
+            },
+            status: RequestStatus::Succeeded,
+            attributes: attributes
+                .iter()
+                .map(|(key, value)| ((*key).to_owned(), (*value).to_owned()))
+                .collect(),
+            service_tier: tier.map(str::to_owned),
+        }
+    }
+
+    fn fast_and_exact(
+        datum: &[u8],
+        with_service_tier: bool,
+    ) -> (
+        Option<UsageEventRef<'_>>,
+        Result<UsageEventRef<'_>, DecodeError>,
+    ) {
+        let mut fast_reader = Reader::new(datum);
+        let fast = read_usage_event_fast(&mut fast_reader, with_service_tier);
+        let mut exact_reader = Reader::new(datum);
+        let exact = read_usage_event_exact(&mut exact_reader, with_service_tier);
+        if fast.is_some() {
+            assert_eq!(
+                fast_reader.pos, exact_reader.pos,
+                "both paths end at the same byte"
+            );
+        }
+        (fast, exact)
+    }
+
+    #[test]
+    fn fast_usage_path_takes_typical_events_and_agrees_with_the_exact_path() {
+        let long_text = "x".repeat(70);
+        let events = [
+            (event("00042", &[("api", "chat")], Some("priority")), true),
+            (
+                event("ünïcødé-€", &[("k", "v"), ("ключ", "значение")], None),
+                true,
+            ),
+            (event("00042", &[], None), true),
+            // A 70-byte value has a two-byte length: the fast path declines.
+            (event("00042", &[("api", &long_text)], None), false),
+            (event(&long_text, &[], None), false),
+        ];
+        for (event, fast_expected) in events {
+            for schema in [SchemaId::UsageEventV1, SchemaId::UsageEventV2] {
+                let mut framed = Vec::new();
+                super::super::encode_usage_event(&event, schema, &mut framed);
+                let datum = &framed[HEADER_LEN..];
+                let with_service_tier = schema == SchemaId::UsageEventV2;
+                let (fast, exact) = fast_and_exact(datum, with_service_tier);
+                let exact = exact.expect("a valid datum");
+                assert_eq!(fast.is_some(), fast_expected, "{event:?}");
+                if let Some(fast) = fast {
+                    assert_eq!(fast, exact);
+                    assert_eq!(fast.to_event(), exact.to_event());
+                    assert_eq!(
+                        fast.attributes.iter().collect::<Vec<_>>(),
+                        exact.attributes.iter().collect::<Vec<_>>()
+                    );
+                }
+                // Every single-byte corruption: whenever the fast path accepts, the
+                // exact path accepts the same event.
+                for position in 0..datum.len() {
+                    for byte in [
+                        0x00,
+                        0x01,
+                        0x02,
+                        0x7f,
+                        0x80,
+                        0xc3,
+                        0xe2,
+                        0xff,
+                        datum[position] ^ 0x02,
+                    ] {
+                        let mut corrupted = datum.to_vec();
+                        corrupted[position] = byte;
+                        let (fast, exact) = fast_and_exact(&corrupted, with_service_tier);
+                        if let Some(fast) = fast {
+                            let exact =
+                                exact.expect("the exact path accepts what the fast path accepts");
+                            assert_eq!(fast, exact);
+                            assert_eq!(fast.to_event(), exact.to_event());
+                        }
+                    }
+                }
+            }
         }
     }
 }
