@@ -68,16 +68,19 @@
 //! --test pipeline_props -- --ignored --nocapture --test-threads=1 memory_per`:
 //! - per remembered event id: 85.6 bytes estimated, 86.3 bytes of resident set
 //!   (1 000 000 ids);
-//! - per open key (one pane of short dims strings, in one window): 464 bytes estimated;
-//!   the resident set grew 510 bytes per key including the key's event id (≈ 86), so
-//!   ≈ 425 bytes per pane (200 000 keys).
+//! - per open key (one pane of short dims strings, in one window; panes are a hash map
+//!   per window): 338.5 bytes estimated; the resident set grew 412 bytes per key
+//!   including the key's event id (≈ 86), so ≈ 326 bytes per pane (200 000 keys).
 
-use std::collections::BTreeMap;
+use std::borrow::Borrow;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::mem::size_of;
 
 use crate::aggregate::{BillingAggregate, Dims, PartnerShare, RowKind};
 use crate::contracts::{Contracts, PricingError};
-use crate::dedupe::{Claim, DedupeSet};
+use crate::dedupe::{Claim, DedupeSet, hash_buckets_for_capacity};
 use crate::event::{Cloud, RequestStatus, TokenCounts, UsageEvent};
 use crate::identity::{RowIdentity, row_id};
 use crate::money::{MoneyError, RowAmounts};
@@ -293,6 +296,87 @@ pub enum RowPricingError {
 
 type PaneKey = (Dims, RowKind);
 
+/// The open panes of one window. A hash map: the pane of every counted event is looked
+/// up here, and a B-tree of string keys cost about twenty string comparisons per
+/// lookup at 50 000 panes (the largest item of the hot path, `benches/hot_path.rs`).
+/// Iteration order does not matter: closed panes are sorted before they are queued.
+type Panes = HashMap<PaneKey, PaneAcc>;
+
+/// A pane key as borrowed fields, in `PaneKey`'s order (the fields of [`Dims`], then the
+/// row kind), so an event's pane is looked up without cloning its dims strings: the
+/// clone happens only when the pane is new. `PaneKey: Borrow<dyn PaneKeyView>` with
+/// the same equality, hash (the derived `Hash` of `PaneKey` feeds the hasher the same
+/// fields in the same order) and ordering, as `HashMap` and `BTreeMap` require.
+trait PaneKeyView {
+    fn view(&self) -> (&str, &str, Cloud, Option<&str>, &str, RowKind);
+}
+
+impl PaneKeyView for PaneKey {
+    fn view(&self) -> (&str, &str, Cloud, Option<&str>, &str, RowKind) {
+        let (dims, row_kind) = self;
+        (
+            &dims.tenant_id,
+            &dims.model,
+            dims.cloud,
+            dims.channel_partner.as_deref(),
+            &dims.region,
+            *row_kind,
+        )
+    }
+}
+
+/// The pane key of an event, borrowed from it.
+struct EventPaneKey<'a> {
+    event: &'a UsageEvent,
+    row_kind: RowKind,
+}
+
+impl PaneKeyView for EventPaneKey<'_> {
+    fn view(&self) -> (&str, &str, Cloud, Option<&str>, &str, RowKind) {
+        let event = self.event;
+        (
+            &event.tenant_id,
+            &event.model,
+            event.cloud,
+            event.channel_partner.as_deref(),
+            &event.region,
+            self.row_kind,
+        )
+    }
+}
+
+impl<'a> Borrow<dyn PaneKeyView + 'a> for PaneKey {
+    fn borrow(&self) -> &(dyn PaneKeyView + 'a) {
+        self
+    }
+}
+
+impl PartialEq for dyn PaneKeyView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.view() == other.view()
+    }
+}
+
+impl Eq for dyn PaneKeyView + '_ {}
+
+impl Hash for dyn PaneKeyView + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.view().hash(state);
+    }
+}
+
+impl PartialOrd for dyn PaneKeyView + '_ {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for dyn PaneKeyView + '_ {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.view().cmp(&other.view())
+    }
+}
+
 /// Sums of one pane.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct PaneAcc {
@@ -363,7 +447,7 @@ struct ClosedPane {
 }
 
 /// The state of one input partition. See the module docs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PartitionState {
     params: PartitionParams,
     /// allowed_lateness + correction_horizon (checked at construction).
@@ -371,14 +455,60 @@ pub struct PartitionState {
     max_event_time_ms: Option<i64>,
     watermark_ms: Option<i64>,
     /// On-time panes of open windows, by window start.
-    on_time: BTreeMap<i64, BTreeMap<PaneKey, PaneAcc>>,
+    on_time: BTreeMap<i64, Panes>,
     /// Open correction panes of closed windows, by window start.
-    corrections: BTreeMap<i64, BTreeMap<PaneKey, PaneAcc>>,
+    corrections: BTreeMap<i64, Panes>,
     /// Last correction sequence emitted per key, for windows still within the horizon.
     last_correction_seq: BTreeMap<i64, BTreeMap<PaneKey, u32>>,
     dedupe: DedupeSet,
     closed: Vec<ClosedPane>,
     counters: PartitionCounters,
+}
+
+/// A deep copy. `clone_from` reuses the target's allocations where the collections
+/// allow it (the dedupe set's id table above all): the aggregator keeps a snapshot
+/// per partition and refreshes it at every commit with `clone_from`.
+impl Clone for PartitionState {
+    fn clone(&self) -> PartitionState {
+        PartitionState {
+            params: self.params.clone(),
+            too_late_after_ms: self.too_late_after_ms,
+            max_event_time_ms: self.max_event_time_ms,
+            watermark_ms: self.watermark_ms,
+            on_time: self.on_time.clone(),
+            corrections: self.corrections.clone(),
+            last_correction_seq: self.last_correction_seq.clone(),
+            dedupe: self.dedupe.clone(),
+            closed: self.closed.clone(),
+            counters: self.counters,
+        }
+    }
+
+    fn clone_from(&mut self, source: &PartitionState) {
+        // Destructured so that a new field cannot be forgotten here.
+        let PartitionState {
+            params,
+            too_late_after_ms,
+            max_event_time_ms,
+            watermark_ms,
+            on_time,
+            corrections,
+            last_correction_seq,
+            dedupe,
+            closed,
+            counters,
+        } = source;
+        self.params.clone_from(params);
+        self.too_late_after_ms = *too_late_after_ms;
+        self.max_event_time_ms = *max_event_time_ms;
+        self.watermark_ms = *watermark_ms;
+        self.on_time.clone_from(on_time);
+        self.corrections.clone_from(corrections);
+        self.last_correction_seq.clone_from(last_correction_seq);
+        self.dedupe.clone_from(dedupe);
+        self.closed.clone_from(closed);
+        self.counters = *counters;
+    }
 }
 
 impl PartitionState {
@@ -509,19 +639,12 @@ impl PartitionState {
         }
 
         // 4. Counted: claim the id and add to the pane in one step.
-        let dims = Dims {
-            tenant_id: event.tenant_id.clone(),
-            model: event.model.clone(),
-            cloud: event.cloud,
-            channel_partner: event.channel_partner.clone(),
-            region: event.region.clone(),
-        };
         let panes = match pane {
             CountedAs::OnTime => self.on_time.entry(window.start_ms).or_default(),
             CountedAs::Correction => self.corrections.entry(window.start_ms).or_default(),
         };
-        let key = (dims, row_kind);
-        match panes.get_mut(&key) {
+        let lookup = EventPaneKey { event, row_kind };
+        match panes.get_mut(&lookup as &dyn PaneKeyView) {
             Some(acc) => {
                 if !acc.fits(&event.tokens) {
                     return Classified::Rejected(RejectReason::PaneTokenLimit);
@@ -535,7 +658,14 @@ impl PartitionState {
                     }
                     return Classified::Rejected(RejectReason::PaneTokenLimit);
                 }
-                panes.insert(key, PaneAcc::first(offset, event));
+                let dims = Dims {
+                    tenant_id: event.tenant_id.clone(),
+                    model: event.model.clone(),
+                    cloud: event.cloud,
+                    channel_partner: event.channel_partner.clone(),
+                    region: event.region.clone(),
+                };
+                panes.insert((dims, row_kind), PaneAcc::first(offset, event));
             }
         }
         self.dedupe
@@ -548,7 +678,7 @@ impl PartitionState {
             CountedAs::OnTime => &mut self.on_time,
             CountedAs::Correction => &mut self.corrections,
         };
-        if panes.get(&window_start_ms).is_some_and(BTreeMap::is_empty) {
+        if panes.get(&window_start_ms).is_some_and(Panes::is_empty) {
             panes.remove(&window_start_ms);
         }
     }
@@ -749,8 +879,8 @@ impl PartitionState {
 
     /// Open panes, on-time and correction.
     pub fn open_panes(&self) -> usize {
-        let on_time: usize = self.on_time.values().map(BTreeMap::len).sum();
-        let corrections: usize = self.corrections.values().map(BTreeMap::len).sum();
+        let on_time: usize = self.on_time.values().map(Panes::len).sum();
+        let corrections: usize = self.corrections.values().map(Panes::len).sum();
         on_time + corrections
     }
 
@@ -764,22 +894,24 @@ impl PartitionState {
         self.dedupe.len()
     }
 
-    /// Estimated heap bytes of the state (see the module docs): capacities, with B-tree
-    /// entries counted at twice their size (nodes filled in key order run about half
-    /// full) and each string at its allocator chunk.
+    /// Estimated heap bytes of the state (see the module docs): capacities, with hash
+    /// tables at their bucket count (slot + control byte each), B-tree entries counted
+    /// at twice their size (nodes filled in key order run about half full) and each
+    /// string at its allocator chunk.
     pub fn approx_state_bytes(&self) -> usize {
-        let pane_entry = (size_of::<PaneKey>() + size_of::<PaneAcc>()) * 2;
-        let window_entry = (size_of::<i64>() + size_of::<BTreeMap<PaneKey, PaneAcc>>()) * 2;
+        let pane_slot = size_of::<(PaneKey, PaneAcc)>() + 1;
+        let window_entry = (size_of::<i64>() + size_of::<Panes>()) * 2;
         let mut bytes = self.dedupe.approx_bytes();
         for panes in self.on_time.values().chain(self.corrections.values()) {
-            bytes += window_entry;
+            bytes += window_entry + hash_buckets_for_capacity(panes.capacity()) * pane_slot;
             for (dims, _) in panes.keys() {
-                bytes += pane_entry + dims_heap_bytes(dims);
+                bytes += dims_heap_bytes(dims);
             }
         }
+        let seq_window_entry = (size_of::<i64>() + size_of::<BTreeMap<PaneKey, u32>>()) * 2;
         let seq_entry = (size_of::<PaneKey>() + size_of::<u32>()) * 2;
         for sequences in self.last_correction_seq.values() {
-            bytes += window_entry;
+            bytes += seq_window_entry;
             for (dims, _) in sequences.keys() {
                 bytes += seq_entry + dims_heap_bytes(dims);
             }
@@ -809,4 +941,181 @@ fn dims_heap_bytes(dims: &Dims) -> usize {
             .channel_partner
             .as_ref()
             .map_or(0, |partner| allocation_bytes(partner.capacity()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(
+        tenant: &str,
+        model: &str,
+        partner: Option<&str>,
+        region: &str,
+        kind: RowKind,
+    ) -> PaneKey {
+        (
+            Dims {
+                tenant_id: tenant.to_owned(),
+                model: model.to_owned(),
+                cloud: Cloud::Aws,
+                channel_partner: partner.map(str::to_owned),
+                region: region.to_owned(),
+            },
+            kind,
+        )
+    }
+
+    const CONTRACTS: &str = r#"
+[[price_book]]
+version = "2025-01"
+effective_from = "2025-01-01T00:00:00Z"
+currency = "USD"
+billable_statuses = ["succeeded"]
+
+[price_book.models.m]
+input = 1_000_000_000
+cached_input = 500_000_000
+output = 2_000_000_000
+reasoning = 2_000_000_000
+
+[[share_rules]]
+version = "2025-01"
+effective_from = "2025-01-01T00:00:00Z"
+"#;
+    const T0: i64 = 1_735_689_600_000;
+
+    fn params() -> PartitionParams {
+        PartitionParams {
+            window: WindowSize::ONE_MINUTE,
+            max_out_of_orderness_ms: 1_000,
+            allowed_lateness_ms: 1_000,
+            correction_horizon_ms: 120_000,
+            dedupe_horizon_ms: 121_000,
+            source_topic: "usage.events".to_owned(),
+            partition: 0,
+        }
+    }
+
+    fn usage(id: u128, tenant: &str, occurred_at_ms: i64) -> UsageEvent {
+        UsageEvent {
+            event_id: crate::event::EventId(id),
+            request_id: format!("req-{id}"),
+            occurred_at_ms,
+            tenant_id: tenant.to_owned(),
+            model: "m".to_owned(),
+            cloud: Cloud::Aws,
+            channel_partner: None,
+            region: "r".to_owned(),
+            tokens: TokenCounts {
+                input: 10,
+                cached_input: 0,
+                output: 5,
+                reasoning: 0,
+            },
+            status: RequestStatus::Succeeded,
+            attributes: Default::default(),
+            service_tier: None,
+        }
+    }
+
+    #[test]
+    fn clone_from_yields_a_state_that_continues_like_the_source() {
+        let contracts =
+            Contracts::load(CONTRACTS, WindowSize::ONE_MINUTE).expect("test contracts load");
+        let mut source = PartitionState::new(params()).expect("valid params");
+        for id in 0..50u128 {
+            let time = T0 + i64::try_from(id).expect("small") * 3_000;
+            let tenant = format!("t{}", id % 4);
+            source.on_event(
+                i64::try_from(id).expect("small"),
+                &usage(id, &tenant, time),
+                0,
+                &contracts,
+            );
+        }
+        // A target with unrelated content and a different partition.
+        let mut target = PartitionState::new(PartitionParams {
+            partition: 3,
+            ..params()
+        })
+        .expect("valid params");
+        for id in 1_000..1_200u128 {
+            target.on_event(0, &usage(id, "other", T0 + 600_000), 0, &contracts);
+        }
+        target.clone_from(&source);
+        let mut copy = source.clone();
+        for state in [&source, &target, &copy] {
+            assert_eq!(state.counters(), source.counters());
+            assert_eq!(state.remembered_ids(), source.remembered_ids());
+            assert_eq!(state.open_panes(), source.open_panes());
+            assert_eq!(state.watermark(), source.watermark());
+            assert_eq!(state.params(), source.params());
+        }
+        // The same later records (a duplicate, a new event, a tick) give the same rows.
+        let mut rows = Vec::new();
+        for state in [&mut source, &mut target, &mut copy] {
+            state.on_event(50, &usage(7, "t3", T0 + 21_000), 0, &contracts);
+            state.on_event(51, &usage(60, "t1", T0 + 160_000), 0, &contracts);
+            state.on_tick(T0 + 3_600_000);
+            rows.push(state.drain_closed(&contracts).expect("rows price"));
+        }
+        assert!(!rows[0].is_empty());
+        assert_eq!(rows[0], rows[1]);
+        assert_eq!(rows[0], rows[2]);
+        assert_eq!(target.counters().duplicates, 1);
+    }
+
+    #[test]
+    fn borrowed_pane_key_orders_and_hashes_like_the_owned_key() {
+        let keys = [
+            key("a", "m", None, "r", RowKind::Billable),
+            key("a", "m", None, "r", RowKind::NonBillable),
+            key("a", "m", Some("p"), "r", RowKind::Billable),
+            key("a", "m", Some("p"), "q", RowKind::Billable),
+            key("a", "n", None, "r", RowKind::Billable),
+            key("ab", "m", None, "r", RowKind::Billable),
+            key("b", "", None, "", RowKind::Billable),
+        ];
+        for left in &keys {
+            for right in &keys {
+                let borrowed_left: &dyn PaneKeyView = left;
+                let borrowed_right: &dyn PaneKeyView = right;
+                assert_eq!(left.cmp(right), borrowed_left.cmp(borrowed_right));
+                assert_eq!(left == right, borrowed_left == borrowed_right);
+            }
+        }
+        use std::hash::BuildHasher;
+        let hasher = std::hash::RandomState::new();
+        let tree: BTreeMap<PaneKey, usize> = keys.iter().cloned().zip(0..).collect();
+        let table: HashMap<PaneKey, usize> = keys.iter().cloned().zip(0..).collect();
+        for (index, owned) in keys.iter().enumerate() {
+            let borrowed: &dyn PaneKeyView = owned;
+            assert_eq!(hasher.hash_one(owned), hasher.hash_one(borrowed));
+            assert_eq!(tree.get(borrowed), Some(&index));
+            assert_eq!(table.get(borrowed), Some(&index));
+            let (dims, row_kind) = owned;
+            let event = UsageEvent {
+                event_id: crate::event::EventId(1),
+                request_id: "req".to_owned(),
+                occurred_at_ms: 0,
+                tenant_id: dims.tenant_id.clone(),
+                model: dims.model.clone(),
+                cloud: dims.cloud,
+                channel_partner: dims.channel_partner.clone(),
+                region: dims.region.clone(),
+                tokens: TokenCounts::default(),
+                status: RequestStatus::Succeeded,
+                attributes: Default::default(),
+                service_tier: None,
+            };
+            let from_event = EventPaneKey {
+                event: &event,
+                row_kind: *row_kind,
+            };
+            let from_event: &dyn PaneKeyView = &from_event;
+            assert_eq!(hasher.hash_one(owned), hasher.hash_one(from_event));
+            assert_eq!(table.get(from_event), Some(&index));
+        }
+    }
 }
