@@ -15,10 +15,16 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
 pub(crate) async fn run(config: Config, args: &AggregateArgs) -> anyhow::Result<()> {
-    let histograms: [(&str, &[f64]); 1] = [(
-        metrics::TRANSACTION_COMMIT,
-        &metrics::COMMIT_SECONDS_BUCKETS,
-    )];
+    let histograms: [(&str, &[f64]); 2] = [
+        (
+            metrics::TRANSACTION_COMMIT,
+            &metrics::COMMIT_SECONDS_BUCKETS,
+        ),
+        (
+            metrics::WINDOW_EMIT_LATENCY,
+            &metrics::WINDOW_EMIT_SECONDS_BUCKETS,
+        ),
+    ];
     if let Some(address) = crate::telemetry::init_metrics(&config.metrics.listen, &histograms)? {
         info!(%address, "serving metrics");
     }

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
+use tally_core::aggregate::BillingAggregate;
 use tally_core::event::Cloud;
 use tally_core::partition::PartitionCounters;
 
@@ -41,6 +42,9 @@ pub const WATERMARK_DELAY: &str = "tally_aggregator_watermark_delay_seconds";
 pub const CONSUMER_LAG: &str = "tally_aggregator_consumer_lag_records";
 /// Time of send_offsets_to_transaction + commit_transaction.
 pub const TRANSACTION_COMMIT: &str = "tally_aggregator_transaction_commit_seconds";
+/// Per committed billing row: wall clock at its commit minus its window end (event
+/// time to emit). Operational only: never part of a row.
+pub const WINDOW_EMIT_LATENCY: &str = "tally_aggregator_window_emit_latency_seconds";
 /// Transactions aborted (errors, lost partitions, the test hook).
 pub const TRANSACTIONS_ABORTED: &str = "tally_aggregator_transactions_aborted_total";
 /// Input records re-read to rebuild partition state after an assignment.
@@ -55,6 +59,14 @@ pub const ABORT_LOOPS: &str = "tally_aggregator_abort_loops_total";
 /// Buckets of the commit-latency histogram, seconds.
 pub const COMMIT_SECONDS_BUCKETS: [f64; 10] =
     [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// Buckets of the window-emit-latency histogram, seconds: from "closed right at the
+/// window end" through the default allowed lateness (30 s) and correction horizon
+/// (6 h) to a day; older rows (replays, backfills) land in `+Inf`.
+pub const WINDOW_EMIT_SECONDS_BUCKETS: [f64; 14] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1_800.0, 3_600.0, 7_200.0, 21_600.0, 43_200.0,
+    86_400.0,
+];
 
 /// Registers HELP texts (call once, after installing a recorder).
 pub fn describe() {
@@ -119,6 +131,11 @@ pub fn describe() {
         Unit::Seconds,
         "Latency of sending offsets and committing a transaction."
     );
+    describe_histogram!(
+        WINDOW_EMIT_LATENCY,
+        Unit::Seconds,
+        "Per committed billing row: wall clock at commit minus the window end."
+    );
     describe_counter!(TRANSACTIONS_ABORTED, Unit::Count, "Transactions aborted.");
     describe_counter!(
         RESTORED_RECORDS,
@@ -154,7 +171,7 @@ pub(crate) struct PendingTotals {
 }
 
 impl PendingTotals {
-    pub(crate) fn add_row(&mut self, row: &tally_core::aggregate::BillingAggregate) {
+    pub(crate) fn add_row(&mut self, row: &BillingAggregate) {
         self.rows += 1;
         let entry = self.by_cloud.entry(row.dims.cloud.index()).or_default();
         let tokens = [
@@ -221,6 +238,20 @@ pub(crate) fn publish_counter_delta(before: &PartitionCounters, after: &Partitio
 /// Records one commit's latency.
 pub(crate) fn record_commit_seconds(seconds: f64) {
     histogram!(TRANSACTION_COMMIT).record(seconds);
+}
+
+/// Records the event-time-to-emit latency of every row of one committed transaction:
+/// `commit_time_ms` minus the row's window end, clamped at 0. One histogram handle per
+/// commit, no label.
+pub(crate) fn record_emit_latency(rows: &[BillingAggregate], commit_time_ms: i64) {
+    if rows.is_empty() {
+        return;
+    }
+    let latency = histogram!(WINDOW_EMIT_LATENCY);
+    for row in rows {
+        let millis = commit_time_ms.saturating_sub(row.window_end_ms).max(0);
+        latency.record(millis as f64 / 1000.0);
+    }
 }
 
 /// Counts an aborted transaction.

@@ -25,6 +25,7 @@ use tally_core::partition::PartitionState;
 use tracing::{debug, info};
 
 use crate::checkpoint::Checkpoint;
+use crate::engine::RestoreContext;
 use crate::error::AggregatorError;
 use crate::record::{InputRecord, RecordRules, apply_record};
 use crate::settings::AggregatorSettings;
@@ -60,6 +61,7 @@ fn restore_client_config(settings: &AggregatorSettings) -> ClientConfig {
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "error");
+    crate::engine::default_fetch_backoff(&mut config);
     config
 }
 
@@ -76,13 +78,12 @@ pub(crate) fn rebuild_partition(
     let mut records = 0_u64;
     let started = Instant::now();
     if committed_offset > checkpoint.low_water {
-        let consumer: BaseConsumer =
-            restore_client_config(settings)
-                .create()
-                .map_err(|source| AggregatorError::Kafka {
-                    operation: "create restore consumer",
-                    source,
-                })?;
+        let consumer: BaseConsumer<RestoreContext> = restore_client_config(settings)
+            .create_with_context(RestoreContext)
+            .map_err(|source| AggregatorError::Kafka {
+                operation: "create restore consumer",
+                source,
+            })?;
         let mut assignment = TopicPartitionList::new();
         assignment
             .add_partition_offset(topic, partition, Offset::Offset(checkpoint.low_water))
