@@ -2,6 +2,10 @@
 //! config files for the `tally` binary.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod eos;
+pub mod kill;
+pub mod prometheus;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -1,0 +1,817 @@
+//! The aggregator as a consumer group of real `tally aggregate` processes against a
+//! real Kafka broker: rebalance churn, a fenced zombie, idle-partition ticks, and the
+//! `/metrics` endpoint.
+//!
+//! Needs `TALLY_TEST_BOOTSTRAP`. Every test uses its own random topics and groups and
+//! spawns the binary (`CARGO_BIN_EXE_tally`) with distinct instance ids; members
+//! notice a dead peer within the 6 s session timeout and transactions time out after
+//! 10 s. Progress is observed through the group's committed offsets, never through
+//! sleeps alone, so the schedule adapts to a slow machine; every wait is bounded.
+//! Each run is checked against the generator's independently computed ground truth
+//! (see `support::eos::verify_against_truth`).
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tally_core::codec::{Decoded, decode_aggregate, decode_record};
+use tally_core::event::TickOrigin;
+use tally_producer::ClassFractions;
+
+use support::eos::{
+    AggregatorProcess, ChildConfig, EventTime, PacedInput, committed_checkpoints, create_outputs,
+    expected_dlq_reasons, free_port, fresh_outputs, input_fully_committed, produce_generated,
+    read_committed, read_topic, verify_against_truth, wait_until,
+};
+use support::prometheus::{Exposition, parse, scrape};
+use support::rand_name;
+
+const PARTITIONS: i32 = 6;
+const OUTPUT_PARTITIONS: i32 = 4;
+/// Bound of any single wait for progress.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(180);
+/// Bound of a clean stop after SIGTERM (the final commit included).
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| i64::try_from(elapsed.as_millis()).expect("ms fit i64"))
+        .expect("clock after 1970")
+}
+
+/// Lines of a log at ERROR level (the logs are written without colours).
+fn error_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|line| line.contains(" ERROR "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// No log line may report a partition end as an error.
+fn assert_no_partition_eof_errors(process: &AggregatorProcess) {
+    let eof_errors: Vec<String> = error_lines(&process.log())
+        .into_iter()
+        .filter(|line| {
+            let lower = line.to_lowercase();
+            lower.contains("partitioneof") || lower.contains("partition eof")
+        })
+        .collect();
+    assert!(
+        eof_errors.is_empty(),
+        "{} logged partition ends as errors: {eof_errors:?}",
+        process.instance_id
+    );
+}
+
+fn count_lines(log: &str, needle: &str) -> usize {
+    log.lines().filter(|line| line.contains(needle)).count()
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Start(&'static str),
+    Term(&'static str),
+    Kill(&'static str),
+}
+
+/// Three processes join and leave in rotation while the group works through 200k
+/// events on 6 partitions: clean leaves (SIGTERM: commit, then leave) and crashes
+/// (SIGKILL inside an open transaction, noticed after the session timeout) each force a
+/// cooperative rebalance, and every newly assigned partition is restored from its
+/// committed checkpoint. The outputs equal the ground truth exactly.
+#[test]
+fn rebalance_churn_keeps_totals_exact() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let event_time = EventTime::EOS;
+    // A live stream of ~50 s: the churn happens while records arrive.
+    let stream = PacedInput::start(
+        &rand_name("group-churn-events"),
+        event_time.generator(200_000, 23, PARTITIONS),
+        true,
+        4_000,
+    );
+    let outputs = fresh_outputs(&stream.topic);
+    create_outputs(&outputs, OUTPUT_PARTITIONS);
+    let group = rand_name("group-churn");
+    let config = ChildConfig::new(&group, event_time, OUTPUT_PARTITIONS)
+        .live_stream()
+        .write(dir.path(), "churn", &outputs, PARTITIONS);
+
+    let schedule: [(i64, Step); 11] = [
+        (0, Step::Start("a")),
+        (6, Step::Start("b")),
+        (12, Step::Start("c")),
+        (20, Step::Term("a")),
+        (28, Step::Start("a")),
+        (36, Step::Kill("b")),
+        (44, Step::Start("b")),
+        (52, Step::Term("c")),
+        (60, Step::Start("c")),
+        (68, Step::Kill("a")),
+        (76, Step::Start("a")),
+    ];
+    let total = stream.total_offsets();
+    let instance_suffix = rand_name("");
+    let mut running: BTreeMap<&'static str, AggregatorProcess> = BTreeMap::new();
+    let mut finished: Vec<AggregatorProcess> = Vec::new();
+    let mut generation: BTreeMap<&'static str, u32> = BTreeMap::new();
+    let mut done_steps = Vec::new();
+    for (percent, step) in schedule {
+        let target = total * percent / 100;
+        wait_until(PROGRESS_TIMEOUT, &format!("{percent}% committed"), || {
+            stream.committed(&group) >= target
+        });
+        let committed = stream.committed(&group);
+        match step {
+            Step::Start(name) => {
+                let count = generation.entry(name).or_insert(0);
+                *count += 1;
+                let process = AggregatorProcess::spawn(
+                    &config,
+                    &format!("{name}{instance_suffix}"),
+                    dir.path(),
+                    &format!("{name}-{count}"),
+                    &[],
+                );
+                running.insert(name, process);
+            }
+            Step::Term(name) => {
+                let mut process = running.remove(name).expect("the process runs");
+                let status = process.terminate(STOP_TIMEOUT);
+                assert!(
+                    status.success(),
+                    "{name} exits 0 on SIGTERM ({status}); log:\n{}",
+                    process.log_tail(40)
+                );
+                finished.push(process);
+            }
+            Step::Kill(name) => {
+                let mut process = running.remove(name).expect("the process runs");
+                process.kill();
+                finished.push(process);
+            }
+        }
+        done_steps.push(format!(
+            "{step:?} at {committed}/{total} ({:?})",
+            started.elapsed()
+        ));
+    }
+    eprintln!("churn: {done_steps:#?}");
+    let input = stream.finish();
+    eprintln!("input: {} ({:?})", input.describe(), started.elapsed());
+    wait_until(PROGRESS_TIMEOUT, "the whole input is committed", || {
+        for (name, process) in running.iter_mut() {
+            if let Some(status) = process.try_status() {
+                panic!(
+                    "{name} exited on its own ({status}); log:\n{}",
+                    process.log_tail(40)
+                );
+            }
+        }
+        input_fully_committed(&input, &group)
+    });
+    for (name, mut process) in std::mem::take(&mut running) {
+        let status = process.terminate(STOP_TIMEOUT);
+        assert!(
+            status.success(),
+            "{name} exits 0 on SIGTERM ({status}); log:\n{}",
+            process.log_tail(40)
+        );
+        finished.push(process);
+    }
+    eprintln!("all stopped ({:?})", started.elapsed());
+
+    let logs: Vec<String> = finished.iter().map(AggregatorProcess::log).collect();
+    let restores: usize = logs
+        .iter()
+        .map(|log| count_lines(log, "partition state restored from the input"))
+        .sum();
+    let revokes: usize = logs
+        .iter()
+        .map(|log| count_lines(log, "partitions revoked"))
+        .sum();
+    eprintln!("restores {restores}, revokes {revokes}");
+    assert!(
+        restores >= 6,
+        "partitions moved between members and were restored ({restores} restores)"
+    );
+    assert!(
+        revokes >= 2,
+        "members gave partitions up ({revokes} revokes)"
+    );
+    for process in &finished {
+        assert_no_partition_eof_errors(process);
+    }
+
+    verify_against_truth(&input, &outputs, &group, OUTPUT_PARTITIONS);
+    eprintln!("verified ({:?})", started.elapsed());
+}
+
+/// Instance Z is stopped (SIGSTOP) with an open transaction for longer than the session
+/// timeout; instance Y, with another transactional id, takes its partitions over and
+/// makes progress; then Z resumes. Z's transaction cannot commit any more (its
+/// generation is stale, its transaction timed out), so nothing Z wrote after the stop
+/// becomes visible to read_committed readers, and the totals stay exact.
+#[test]
+fn zombie_is_fenced_and_its_writes_never_become_visible() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let event_time = EventTime::EOS;
+    let stream = PacedInput::start(
+        &rand_name("group-zombie-events"),
+        event_time.generator(60_000, 29, PARTITIONS),
+        true,
+        3_000,
+    );
+    let outputs = fresh_outputs(&stream.topic);
+    create_outputs(&outputs, OUTPUT_PARTITIONS);
+    let group = rand_name("group-zombie");
+    let mut zombie_config = ChildConfig::new(&group, event_time, OUTPUT_PARTITIONS).live_stream();
+    // A long commit interval: Z is almost always inside an open transaction.
+    zombie_config.commit_interval_ms = 4_000;
+    let zombie_config = zombie_config.write(dir.path(), "zombie", &outputs, PARTITIONS);
+    let successor_config = ChildConfig::new(&group, event_time, OUTPUT_PARTITIONS)
+        .live_stream()
+        .write(dir.path(), "successor", &outputs, PARTITIONS);
+
+    let total = stream.total_offsets();
+    // Debug logs of the aggregator show every commit.
+    let mut zombie = AggregatorProcess::spawn_with_log_filter(
+        &zombie_config,
+        &rand_name("zombie"),
+        dir.path(),
+        "zombie",
+        &[],
+        "info,tally_aggregator=debug",
+    );
+    wait_until(PROGRESS_TIMEOUT, "Z committed 10% of the input", || {
+        assert!(
+            zombie.try_status().is_none(),
+            "Z exited early; log:\n{}",
+            zombie.log_tail(40)
+        );
+        stream.committed(&group) >= total / 10
+    });
+    // Let Z write into its next transaction, then freeze it.
+    thread::sleep(Duration::from_millis(1_500));
+    zombie.signal("STOP");
+    let stopped_at = stream.committed(&group);
+    let log_at_stop = zombie.log().len();
+    eprintln!(
+        "Z stopped at {stopped_at}/{total} committed ({:?})",
+        started.elapsed()
+    );
+    assert!(
+        stopped_at < total,
+        "Z was stopped in the middle of the input"
+    );
+    // Past the session timeout: the group expels Z.
+    thread::sleep(Duration::from_secs(8));
+
+    let mut successor = AggregatorProcess::spawn(
+        &successor_config,
+        &rand_name("successor"),
+        dir.path(),
+        "successor",
+        &[],
+    );
+    wait_until(PROGRESS_TIMEOUT, "Y took over and committed", || {
+        assert!(
+            successor.try_status().is_none(),
+            "Y exited early; log:\n{}",
+            successor.log_tail(40)
+        );
+        stream.committed(&group) > stopped_at + 1_000
+    });
+    eprintln!(
+        "Y progressed to {} ({:?}); resuming Z",
+        stream.committed(&group),
+        started.elapsed()
+    );
+    zombie.signal("CONT");
+
+    // Z's open transaction must fail: stale generation, fenced or timed-out producer.
+    let fenced_markers = [
+        "transaction failed, aborting it",
+        "fatal producer error",
+        "partitions lost, aborting the open transaction",
+    ];
+    wait_until(
+        Duration::from_secs(60),
+        "Z reports its failed transaction",
+        || {
+            let log = zombie.log();
+            let after_stop = &log[log_at_stop.min(log.len())..];
+            fenced_markers
+                .iter()
+                .any(|marker| after_stop.contains(marker))
+        },
+    );
+    assert!(
+        count_lines(&zombie.log()[..log_at_stop], "transaction committed") >= 1,
+        "Z committed before the stop"
+    );
+    let zombie_after_stop = zombie.log()[log_at_stop..].to_owned();
+    let zombie_commits_after_stop = zombie_after_stop
+        .lines()
+        .take_while(|line| !fenced_markers.iter().any(|marker| line.contains(marker)))
+        .filter(|line| line.contains("transaction committed"))
+        .count();
+    assert_eq!(
+        zombie_commits_after_stop, 0,
+        "Z committed nothing between its resume and its failure"
+    );
+    eprintln!(
+        "Z after resume:\n{}",
+        zombie_after_stop
+            .lines()
+            .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+            .take(10)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    let input = stream.finish();
+    eprintln!("input: {}", input.describe());
+    wait_until(PROGRESS_TIMEOUT, "the whole input is committed", || {
+        assert!(
+            successor.try_status().is_none(),
+            "Y exited early; log:\n{}",
+            successor.log_tail(40)
+        );
+        input_fully_committed(&input, &group)
+    });
+    let successor_status = successor.terminate(STOP_TIMEOUT);
+    assert!(
+        successor_status.success(),
+        "Y exits 0 on SIGTERM ({successor_status}); log:\n{}",
+        successor.log_tail(40)
+    );
+    // Z either stopped on a fatal error or rejoined the group as a healthy member.
+    let zombie_status = zombie.terminate(STOP_TIMEOUT);
+    eprintln!("Z exited with {zombie_status} ({:?})", started.elapsed());
+
+    verify_against_truth(&input, &outputs, &group, OUTPUT_PARTITIONS);
+    // Z's aborted writes exist in the log but were never visible: read_uncommitted sees
+    // more side records than read_committed, which matched the truth exactly above.
+    let uncommitted_side = read_topic(&input.bootstrap, &outputs.late, OUTPUT_PARTITIONS, false)
+        .len()
+        + read_topic(&input.bootstrap, &outputs.dlq, OUTPUT_PARTITIONS, false).len();
+    let committed_side = read_committed(&input.bootstrap, &outputs.late, OUTPUT_PARTITIONS).len()
+        + read_committed(&input.bootstrap, &outputs.dlq, OUTPUT_PARTITIONS).len();
+    eprintln!("side records: {uncommitted_side} written, {committed_side} committed");
+    assert!(
+        uncommitted_side > committed_side,
+        "Z had written into its open transaction before the stop"
+    );
+    assert_no_partition_eof_errors(&zombie);
+    assert_no_partition_eof_errors(&successor);
+}
+
+/// Windows that close only in event time: 1 s windows, short horizons.
+const TICK_TIME: EventTime = EventTime {
+    window_ms: 1_000,
+    max_out_of_orderness_ms: 200,
+    allowed_lateness_ms: 200,
+    correction_horizon_ms: 0,
+};
+const IDLE_TIMEOUT_MS: i64 = 1_500;
+
+/// Runs one aggregator process until it exits by itself after idling.
+fn run_until_idle_exit(config: &Path, dir: &Path, name: &str) -> AggregatorProcess {
+    let mut process = AggregatorProcess::spawn(
+        config,
+        &rand_name(name),
+        dir,
+        name,
+        &["--exit-after-idle-ms", "4000"],
+    );
+    let status = process
+        .wait_timeout(PROGRESS_TIMEOUT)
+        .unwrap_or_else(|| panic!("{name} did not exit; log:\n{}", process.log_tail(40)));
+    assert!(
+        status.success(),
+        "{name} exits 0 ({status}); log:\n{}",
+        process.log_tail(40)
+    );
+    process
+}
+
+/// Input without any gateway tick: the last windows of every partition stay open until
+/// the aggregator, idle at the partition's end for `idle_timeout_ms`, appends a tick
+/// to the partition (origin aggregator, time = the partition's largest event time plus
+/// the idle time that passed) and reads it back. A replay of the same input topic,
+/// ticks included, with a new group and new outputs gives the identical rows.
+#[test]
+fn idle_partition_gets_a_tick_and_closes_its_windows() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let partitions = 3;
+    let mut generator = TICK_TIME.generator(3_000, 31, partitions);
+    generator.fractions = ClassFractions {
+        out_of_order: 0.0,
+        correction: 0.0,
+        too_late: 0.0,
+        duplicate: 0.0,
+        conflicting_duplicate: 0.0,
+        rejected: 0.0,
+    };
+    let input = produce_generated(&rand_name("group-idle-events"), generator, false);
+    eprintln!("input: {}", input.describe());
+    let outputs = fresh_outputs(&input.topic);
+    create_outputs(&outputs, OUTPUT_PARTITIONS);
+    let group = rand_name("group-idle");
+    let mut child = ChildConfig::new(&group, TICK_TIME, OUTPUT_PARTITIONS);
+    child.idle_timeout_ms = IDLE_TIMEOUT_MS;
+    let config = child.write(dir.path(), "live", &outputs, partitions);
+
+    let run_started_ms = now_ms();
+    let live = run_until_idle_exit(&config, dir.path(), "live");
+    let run_ended_ms = now_ms();
+    let errors = error_lines(&live.log());
+    assert!(errors.is_empty(), "a clean run logs no ERROR: {errors:?}");
+
+    // The ticks in the input: appended after each partition's usage records, by the
+    // aggregator, at least the idle timeout ahead of the partition's clock.
+    let records = read_committed(&input.bootstrap, &input.topic, partitions);
+    let mut max_event: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+    let mut ticks: BTreeMap<i32, Vec<(i64, i64, Option<i64>)>> = BTreeMap::new();
+    for record in &records {
+        match decode_record(&record.value).expect("input record decodes") {
+            Decoded::Usage(event) => {
+                let entry = max_event
+                    .entry(record.partition)
+                    .or_insert((i64::MIN, i64::MIN));
+                entry.0 = entry.0.max(event.occurred_at_ms);
+                entry.1 = entry.1.max(record.offset);
+            }
+            Decoded::Tick(tick) => {
+                assert_eq!(
+                    tick.origin,
+                    TickOrigin::Aggregator,
+                    "only the aggregator ticks"
+                );
+                ticks.entry(record.partition).or_default().push((
+                    record.offset,
+                    tick.tick_time_ms,
+                    record.timestamp_ms,
+                ));
+            }
+        }
+    }
+    let run_ms = run_ended_ms - run_started_ms;
+    for partition in 0..partitions {
+        let (max_event_ms, last_usage_offset) = max_event[&partition];
+        let partition_ticks = ticks
+            .get(&partition)
+            .unwrap_or_else(|| panic!("partition {partition} got no tick"));
+        let (first_offset, first_time, first_timestamp) = partition_ticks[0];
+        assert!(
+            first_offset > last_usage_offset,
+            "the tick follows partition {partition}'s usage records"
+        );
+        let ahead = first_time - max_event_ms;
+        assert!(
+            (IDLE_TIMEOUT_MS..=run_ms).contains(&ahead),
+            "partition {partition}: tick {ahead} ms past the largest event time, \
+             expected between the idle timeout and the run's length ({run_ms} ms)"
+        );
+        assert_eq!(
+            first_timestamp,
+            Some(first_time),
+            "a tick's record timestamp is its time"
+        );
+        let times: Vec<i64> = partition_ticks.iter().map(|tick| tick.1).collect();
+        assert!(
+            times.windows(2).all(|pair| pair[0] < pair[1]),
+            "later ticks move the clock forward: {times:?}"
+        );
+    }
+    let checkpoints = committed_checkpoints(&input.bootstrap, &group, &input.topic, partitions);
+    for (partition, (_offset, checkpoint)) in &checkpoints {
+        assert_eq!(
+            checkpoint.counters.ticks,
+            ticks[partition].len() as u64,
+            "partition {partition} read back every tick written to it"
+        );
+    }
+
+    // The last windows were emitted (only a tick can have closed them), exactly.
+    let rows = verify_against_truth(&input, &outputs, &group, OUTPUT_PARTITIONS);
+    let last_window = input
+        .truth
+        .windows
+        .iter()
+        .map(|window| window.window_start_ms)
+        .max()
+        .expect("windows");
+    let emitted_windows: BTreeSet<i64> = rows
+        .iter()
+        .map(|(_, value)| decode_aggregate(value).expect("row").window_start_ms)
+        .collect();
+    assert!(
+        emitted_windows.contains(&last_window),
+        "the last window ({last_window}) was emitted"
+    );
+
+    // Replay: same input (the ticks are part of it now), new group and outputs.
+    let replay_outputs = fresh_outputs(&input.topic);
+    create_outputs(&replay_outputs, OUTPUT_PARTITIONS);
+    let mut replay_child = ChildConfig::new(
+        &rand_name("group-idle-replay"),
+        TICK_TIME,
+        OUTPUT_PARTITIONS,
+    );
+    replay_child.idle_timeout_ms = IDLE_TIMEOUT_MS;
+    let replay_config = replay_child.write(dir.path(), "replay", &replay_outputs, partitions);
+    run_until_idle_exit(&replay_config, dir.path(), "replay");
+    let mut replay_rows: Vec<(Vec<u8>, Vec<u8>)> = read_committed(
+        &input.bootstrap,
+        &replay_outputs.billing_aggregates,
+        OUTPUT_PARTITIONS,
+    )
+    .into_iter()
+    .map(|record| (record.key.unwrap_or_default(), record.value))
+    .collect();
+    replay_rows.sort();
+    assert_eq!(rows.len(), replay_rows.len(), "replay row count");
+    assert!(rows == replay_rows, "the replay emits the identical rows");
+}
+
+/// Label names a tally metric may carry (plus the histogram's `le`).
+const ALLOWED_LABELS: [&str; 8] = [
+    "reason",
+    "topic",
+    "partition",
+    "cloud",
+    "partner",
+    "kind",
+    "model",
+    "le",
+];
+
+/// Required metric families and their types (DESIGN.md, "Metrics").
+const REQUIRED: [(&str, &str); 13] = [
+    ("tally_aggregator_consumed_records_total", "counter"),
+    ("tally_aggregator_emitted_rows_total", "counter"),
+    ("tally_aggregator_too_late_events_total", "counter"),
+    ("tally_aggregator_duplicate_events_total", "counter"),
+    ("tally_aggregator_rejected_records_total", "counter"),
+    ("tally_aggregator_ticks_read_total", "counter"),
+    ("tally_aggregator_ticks_written_total", "counter"),
+    ("tally_aggregator_consumer_lag_records", "gauge"),
+    ("tally_aggregator_watermark_delay_seconds", "gauge"),
+    ("tally_aggregator_transaction_commit_seconds", "histogram"),
+    ("tally_aggregator_window_emit_latency_seconds", "histogram"),
+    ("tally_aggregator_open_windows", "gauge"),
+    ("tally_aggregator_state_bytes", "gauge"),
+];
+
+fn metric(exposition: &Exposition, name: &str) -> f64 {
+    exposition
+        .sum(name)
+        .unwrap_or_else(|| panic!("{name} is missing"))
+}
+
+/// Whether a scrape shows the settled run: every record counted, every partition's
+/// lag and watermark delay reported, lag zero.
+fn settled(exposition: &Exposition, produced: u64) -> bool {
+    let lags: Vec<f64> = exposition
+        .samples_named("tally_aggregator_consumer_lag_records")
+        .map(|sample| sample.value)
+        .collect();
+    exposition.sum("tally_aggregator_consumed_records_total") == Some(produced as f64)
+        && lags.len() == PARTITIONS as usize
+        && lags.iter().all(|lag| *lag == 0.0)
+        && exposition
+            .samples_named("tally_aggregator_watermark_delay_seconds")
+            .count()
+            == PARTITIONS as usize
+        && exposition.sum("tally_aggregator_open_windows").is_some()
+}
+
+/// The `/metrics` endpoint of a finished run reports every metric DESIGN.md requires,
+/// with HELP and TYPE, bounded labels only, and counters equal to the run's truth.
+#[test]
+fn metrics_endpoint_reports_the_run() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let event_time = EventTime::EOS;
+    let input = produce_generated(
+        &rand_name("group-metrics-events"),
+        event_time.generator(20_000, 37, PARTITIONS),
+        true,
+    );
+    eprintln!("input: {}", input.describe());
+    let outputs = fresh_outputs(&input.topic);
+    create_outputs(&outputs, OUTPUT_PARTITIONS);
+    let group = rand_name("group-metrics");
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut child = ChildConfig::new(&group, event_time, OUTPUT_PARTITIONS);
+    child.metrics_listen = address.clone();
+    let config = child.write(dir.path(), "metrics", &outputs, PARTITIONS);
+    let run_started_ms = now_ms();
+    let mut process =
+        AggregatorProcess::spawn(&config, &rand_name("metrics"), dir.path(), "metrics", &[]);
+    wait_until(PROGRESS_TIMEOUT, "the whole input is committed", || {
+        assert!(
+            process.try_status().is_none(),
+            "the aggregator exited early; log:\n{}",
+            process.log_tail(40)
+        );
+        input_fully_committed(&input, &group)
+    });
+
+    // Poll until the gauges caught up and two scrapes in a row agree.
+    let truth = &input.truth;
+    let started = Instant::now();
+    let mut previous: Option<Exposition> = None;
+    let exposition = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "the metrics did not settle; last scrape:\n{previous:#?}"
+        );
+        let current = parse(&scrape(&address));
+        if settled(&current, truth.produced)
+            && previous.as_ref().is_some_and(|before| {
+                REQUIRED.iter().all(|(name, _)| {
+                    before.sum(name) == current.sum(name)
+                        && before.sum(&format!("{name}_count"))
+                            == current.sum(&format!("{name}_count"))
+                })
+            })
+        {
+            break current;
+        }
+        previous = Some(current);
+        thread::sleep(Duration::from_millis(1_000));
+    };
+    let scraped_ms = now_ms();
+
+    // Every required family, with HELP and TYPE.
+    for (name, kind) in REQUIRED {
+        assert_eq!(
+            exposition.types.get(name).map(String::as_str),
+            Some(kind),
+            "TYPE of {name}"
+        );
+        assert!(
+            exposition
+                .help
+                .get(name)
+                .is_some_and(|help| !help.is_empty()),
+            "HELP of {name}"
+        );
+    }
+    // Bounded labels only: small fixed sets, no tenant ids.
+    for sample in &exposition.samples {
+        if !sample.name.starts_with("tally_") {
+            continue;
+        }
+        for (label, value) in &sample.labels {
+            assert!(
+                ALLOWED_LABELS.contains(&label.as_str()),
+                "{} carries label {label}",
+                sample.name
+            );
+            assert!(
+                !value.contains("tenant"),
+                "{} carries a tenant id: {value}",
+                sample.name
+            );
+            if label == "partition" {
+                let partition: i32 = value.parse().expect("numeric partition label");
+                assert!((0..PARTITIONS).contains(&partition));
+            }
+        }
+    }
+
+    // The counters equal the run.
+    let rows = read_committed(
+        &input.bootstrap,
+        &outputs.billing_aggregates,
+        OUTPUT_PARTITIONS,
+    );
+    let checkpoints = committed_checkpoints(&input.bootstrap, &group, &input.topic, PARTITIONS);
+    let ticks_read: u64 = checkpoints
+        .values()
+        .map(|(_, checkpoint)| checkpoint.counters.ticks)
+        .sum();
+    assert_eq!(
+        metric(&exposition, "tally_aggregator_consumed_records_total"),
+        truth.produced as f64
+    );
+    assert_eq!(
+        metric(&exposition, "tally_aggregator_too_late_events_total"),
+        truth.too_late as f64
+    );
+    assert_eq!(
+        metric(&exposition, "tally_aggregator_rejected_records_total"),
+        truth.rejected as f64
+    );
+    let mut rejected_by_reason: BTreeMap<String, u64> = BTreeMap::new();
+    for sample in exposition.samples_named("tally_aggregator_rejected_records_total") {
+        if sample.value > 0.0 {
+            rejected_by_reason.insert(sample.labels["reason"].clone(), sample.value as u64);
+        }
+    }
+    assert_eq!(
+        rejected_by_reason,
+        expected_dlq_reasons(truth),
+        "rejected by reason"
+    );
+    assert_eq!(
+        metric(&exposition, "tally_aggregator_duplicate_events_total"),
+        truth.duplicates as f64
+    );
+    assert_eq!(
+        exposition.sum_where(
+            "tally_aggregator_duplicate_events_total",
+            "kind",
+            "conflicting"
+        ),
+        truth.conflicting_duplicates as f64
+    );
+    assert_eq!(
+        metric(&exposition, "tally_aggregator_corrections_total"),
+        truth.counted_corrections as f64
+    );
+    assert_eq!(
+        metric(&exposition, "tally_aggregator_emitted_rows_total"),
+        rows.len() as f64
+    );
+    assert_eq!(
+        metric(&exposition, "tally_aggregator_ticks_read_total"),
+        ticks_read as f64
+    );
+    assert_eq!(
+        exposition.sum_where("tally_aggregator_tokens_total", "kind", "input"),
+        truth.total_counted_sums().input_tokens as f64,
+        "input tokens"
+    );
+    assert_eq!(metric(&exposition, "tally_aggregator_open_windows"), 0.0);
+    assert!(
+        metric(
+            &exposition,
+            "tally_aggregator_transaction_commit_seconds_count"
+        ) >= 1.0
+    );
+
+    // One emit-latency observation per row: commit time − window end, so the sum lies
+    // between Σ(run start − end) and Σ(scrape − end).
+    let latency_count = metric(
+        &exposition,
+        "tally_aggregator_window_emit_latency_seconds_count",
+    );
+    assert_eq!(
+        latency_count,
+        rows.len() as f64,
+        "one latency per emitted row"
+    );
+    let window_end_sum: i128 = rows
+        .iter()
+        .map(|record| i128::from(decode_aggregate(&record.value).expect("row").window_end_ms))
+        .sum();
+    let row_count = i128::try_from(rows.len()).expect("small");
+    let lower = (i128::from(run_started_ms) * row_count - window_end_sum) as f64 / 1000.0;
+    let upper = (i128::from(scraped_ms) * row_count - window_end_sum) as f64 / 1000.0;
+    let latency_sum = metric(
+        &exposition,
+        "tally_aggregator_window_emit_latency_seconds_sum",
+    );
+    assert!(
+        latency_sum >= lower * (1.0 - 1e-9) && latency_sum <= upper * (1.0 + 1e-9),
+        "emit latency sum {latency_sum} outside [{lower}, {upper}]"
+    );
+    assert_eq!(
+        exposition.sum_where(
+            "tally_aggregator_window_emit_latency_seconds_bucket",
+            "le",
+            "+Inf"
+        ),
+        latency_count
+    );
+
+    let status = process.terminate(STOP_TIMEOUT);
+    assert!(status.success(), "exits 0 on SIGTERM ({status})");
+    let errors = error_lines(&process.log());
+    assert!(errors.is_empty(), "a clean run logs no ERROR: {errors:?}");
+}
+
+#[test]
+fn prometheus_parser_reads_help_type_labels_and_values() {
+    let text = "# HELP a_total Things.\n# TYPE a_total counter\n\
+                a_total{reason=\"x\\\"y\",kind=\"k\"} 3\nb 1.5\nc_bucket{le=\"+Inf\"} 2\n";
+    let parsed = parse(text);
+    assert_eq!(parsed.help["a_total"], "Things.");
+    assert_eq!(parsed.types["a_total"], "counter");
+    assert_eq!(parsed.samples[0].labels["reason"], "x\"y");
+    assert_eq!(parsed.samples[0].labels["kind"], "k");
+    assert_eq!(parsed.sum("a_total"), Some(3.0));
+    assert_eq!(parsed.sum("b"), Some(1.5));
+    assert_eq!(parsed.sum("missing"), None);
+    assert_eq!(parsed.sum_where("c_bucket", "le", "+Inf"), 2.0);
+}
