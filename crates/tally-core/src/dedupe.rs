@@ -16,21 +16,30 @@
 //!   window, the same as the original's, has then passed the correction horizon), so a
 //!   copy is never counted twice. A conflicting copy with a *different* event time is
 //!   recognised while the original's id is remembered.
-//! - **Memory.** Each id costs one hash-map slot (16-byte id + 8-byte window end +
-//!   8-byte fingerprint = 32 bytes, plus one control byte, at a load factor between
+//! - **Memory.** Each id costs one hash-map slot (16-byte id as two `u64` halves +
+//!   8-byte fingerprint = 24 bytes, plus one control byte, at a load factor between
 //!   7/16 and 7/8) and 16 bytes in the expiry queue (a `Vec` per window end, amortised
-//!   up to 2×): between about 54 and 107 bytes per id depending on where the table is
-//!   in its growth cycle. [`DedupeSet::approx_bytes`] computes this from the actual
-//!   capacities. Measured (`cargo test -p tally-core --test pipeline_props -- --ignored
-//!   --nocapture --test-threads=1 memory_per`, 1 000 000 random ids, 1 000 per window):
-//!   approx_bytes = 85.6 bytes/id, resident set growth = 86.3 bytes/id. Sizing:
-//!   memory ≈ events/s × (dedupe horizon + window) × ~90 bytes; e.g. 10 000 events/s
-//!   with a 1-hour horizon ≈ 3.3 GB across the partitions carrying it.
+//!   up to 2×): between about 45 and 89 bytes per id depending on where the table is in
+//!   its growth cycle. The window end is not stored per id: the queue an id sits in
+//!   says it. [`DedupeSet::approx_bytes`] computes this from the actual capacities.
+//!   Measured (`cargo test -p tally-core --release --test pipeline_props -- --ignored
+//!   --nocapture --test-threads=1 memory_per`, 1 000 000 random ids, 1 000 per
+//!   window): approx_bytes = 68.9 bytes/id, resident set growth = 52.4 bytes/id (queue
+//!   capacity not yet written is not resident). Sizing: memory ≈ events/s × (dedupe
+//!   horizon + window) × ~70 bytes; e.g. 10 000 events/s with a 1-hour horizon ≈
+//!   2.6 GB across the partitions carrying it.
+//! - **Speed.** The table is hashed with foldhash (a multiply-fold per id, against
+//!   SipHash's dozens of rounds); `claim` probes once (entry API), and `expire` does
+//!   nothing until the watermark reaches the first queued window's expiry, then
+//!   removes exactly the ids that expire.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
 use std::mem::size_of;
 
-use crate::event::{EventId, UsageEvent};
+use crate::codec::UsageEventRef;
+use crate::event::{EventId, TokenCounts, UsageEvent};
 
 /// What the set says about an event id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,19 +52,29 @@ pub enum Claim {
     ConflictingDuplicate,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Remembered {
-    window_end_ms: i64,
-    fingerprint: u64,
+/// An event id as two 64-bit halves (high, low): 8-byte aligned, so a table slot with
+/// its fingerprint is 24 bytes where a `u128` key (16-byte aligned) would pad it to 32.
+type IdKey = (u64, u64);
+
+fn id_key(id: EventId) -> IdKey {
+    ((id.0 >> 64) as u64, id.0 as u64)
 }
 
 /// An exact set of event ids expiring by watermark.
 #[derive(Debug)]
 pub struct DedupeSet {
     horizon_ms: i64,
-    ids: HashMap<u128, Remembered>,
-    /// Ids by the end of their window, for expiry in window order.
-    expiry: BTreeMap<i64, Vec<u128>>,
+    /// Remembered id → payload fingerprint. The hasher is foldhash with a per-process
+    /// random seed: the table is only probed, never iterated, so its order (and thus
+    /// the seed) cannot influence any output.
+    ids: HashMap<IdKey, u64, foldhash::fast::RandomState>,
+    /// Ids by the end of their window, for expiry in window order. Invariant: an id is
+    /// in `ids` exactly when it is in one of these queues, under the window end it was
+    /// claimed with (ids enter both in `claim` and leave both in `expire`).
+    expiry: BTreeMap<i64, Vec<IdKey>>,
+    /// `first window end + horizon`: the smallest watermark at which `expire` forgets
+    /// anything (`i64::MAX` when nothing is remembered).
+    next_expiry_ms: i64,
 }
 
 /// `clone_from` reuses the id table's allocation: the aggregator snapshots its state at
@@ -67,6 +86,7 @@ impl Clone for DedupeSet {
             horizon_ms: self.horizon_ms,
             ids: self.ids.clone(),
             expiry: self.expiry.clone(),
+            next_expiry_ms: self.next_expiry_ms,
         }
     }
 
@@ -75,10 +95,12 @@ impl Clone for DedupeSet {
             horizon_ms,
             ids,
             expiry,
+            next_expiry_ms,
         } = source;
         self.horizon_ms = *horizon_ms;
         self.ids.clone_from(ids);
         self.expiry.clone_from(expiry);
+        self.next_expiry_ms = *next_expiry_ms;
     }
 }
 
@@ -87,8 +109,9 @@ impl DedupeSet {
     pub fn new(horizon_ms: i64) -> DedupeSet {
         DedupeSet {
             horizon_ms,
-            ids: HashMap::new(),
+            ids: HashMap::default(),
             expiry: BTreeMap::new(),
+            next_expiry_ms: i64::MAX,
         }
     }
 
@@ -99,49 +122,52 @@ impl DedupeSet {
 
     /// Looks `id` up without remembering it.
     pub fn lookup(&self, id: EventId, fingerprint: u64) -> Claim {
-        match self.ids.get(&id.0) {
+        match self.ids.get(&id_key(id)) {
             None => Claim::New,
-            Some(remembered) if remembered.fingerprint == fingerprint => Claim::Duplicate,
+            Some(&remembered) if remembered == fingerprint => Claim::Duplicate,
             Some(_) => Claim::ConflictingDuplicate,
         }
     }
 
     /// Looks `id` up and, when new, remembers it with its window end and fingerprint.
     pub fn claim(&mut self, id: EventId, window_end_ms: i64, fingerprint: u64) -> Claim {
-        let claim = self.lookup(id, fingerprint);
-        if claim == Claim::New {
-            self.ids.insert(
-                id.0,
-                Remembered {
-                    window_end_ms,
-                    fingerprint,
-                },
-            );
-            self.expiry.entry(window_end_ms).or_default().push(id.0);
+        let key = id_key(id);
+        match self.ids.entry(key) {
+            Entry::Occupied(entry) if *entry.get() == fingerprint => Claim::Duplicate,
+            Entry::Occupied(_) => Claim::ConflictingDuplicate,
+            Entry::Vacant(entry) => {
+                entry.insert(fingerprint);
+                self.expiry.entry(window_end_ms).or_default().push(key);
+                self.next_expiry_ms = self
+                    .next_expiry_ms
+                    .min(window_end_ms.saturating_add(self.horizon_ms));
+                Claim::New
+            }
         }
-        claim
     }
 
     /// Forgets every id whose window ended at least `horizon` before `watermark_ms`
-    /// (`window_end + horizon ≤ watermark`). Returns how many were forgotten.
+    /// (`window_end + horizon ≤ watermark`). Returns how many were forgotten. O(1)
+    /// unless a window's ids expire, then O(ids forgotten).
     pub fn expire(&mut self, watermark_ms: i64) -> usize {
+        if watermark_ms < self.next_expiry_ms {
+            return 0;
+        }
         let mut forgotten = 0;
         while let Some(entry) = self.expiry.first_entry() {
-            let window_end_ms = *entry.key();
-            if window_end_ms.saturating_add(self.horizon_ms) > watermark_ms {
-                break;
+            let expires_at_ms = entry.key().saturating_add(self.horizon_ms);
+            if expires_at_ms > watermark_ms {
+                self.next_expiry_ms = expires_at_ms;
+                return forgotten;
             }
-            for id in entry.remove() {
-                let matches = self
-                    .ids
-                    .get(&id)
-                    .is_some_and(|remembered| remembered.window_end_ms == window_end_ms);
-                if matches {
-                    self.ids.remove(&id);
+            for key in entry.remove() {
+                // Always present (see the invariant on `expiry`).
+                if self.ids.remove(&key).is_some() {
                     forgotten += 1;
                 }
             }
         }
+        self.next_expiry_ms = i64::MAX;
         forgotten
     }
 
@@ -158,16 +184,16 @@ impl DedupeSet {
     /// Estimated heap bytes, from the capacities actually allocated: hash-map buckets
     /// (slot + control byte each), expiry vectors, and B-tree entries.
     pub fn approx_bytes(&self) -> usize {
-        let slot = size_of::<(u128, Remembered)>() + 1;
+        let slot = size_of::<(IdKey, u64)>() + 1;
         let buckets = hash_buckets_for_capacity(self.ids.capacity());
         let map_bytes = buckets * slot;
         let queue_bytes: usize = self
             .expiry
             .values()
-            .map(|ids| ids.capacity() * size_of::<u128>())
+            .map(|ids| ids.capacity() * size_of::<IdKey>())
             .sum();
         // A B-tree entry costs its key and value plus about half again in node slack.
-        let tree_bytes = self.expiry.len() * (size_of::<i64>() + size_of::<Vec<u128>>()) * 3 / 2;
+        let tree_bytes = self.expiry.len() * (size_of::<i64>() + size_of::<Vec<IdKey>>()) * 3 / 2;
         map_bytes + queue_bytes + tree_bytes
     }
 }
@@ -184,67 +210,142 @@ pub(crate) fn hash_buckets_for_capacity(capacity: usize) -> usize {
     (capacity * 8 / 7).next_power_of_two()
 }
 
-/// A 64-bit fingerprint of an event's payload (every field), stable across releases and
-/// platforms: FNV-1a over a length-prefixed encoding. Two copies of an event with the
-/// same content have the same fingerprint whatever schema version carried them.
+/// A 64-bit fingerprint of an event's payload (every field): foldhash (quality variant,
+/// fixed seed) over a length-prefixed encoding of the fields, attributes in key order.
+/// Two copies of an event with the same content have the same fingerprint whatever
+/// schema version carried them and in whatever order their attributes were written.
+///
+/// Deterministic for a given build (no random seed), so every process of one release
+/// decides alike; *not* stable across releases (the hash function may change with the
+/// `foldhash` version). That is enough: fingerprints are never persisted or exchanged,
+/// because dedupe state is always rebuilt from the input by the binary that uses it.
 pub fn payload_fingerprint(event: &UsageEvent) -> u64 {
-    let mut hash = Fnv1a::new();
-    hash.bytes(&event.event_id.0.to_be_bytes());
-    hash.str(&event.request_id);
-    hash.bytes(&event.occurred_at_ms.to_be_bytes());
-    hash.str(&event.tenant_id);
-    hash.str(&event.model);
-    hash.str(event.cloud.as_str());
-    hash.optional_str(event.channel_partner.as_deref());
-    hash.str(&event.region);
-    hash.bytes(&event.tokens.input.to_be_bytes());
-    hash.bytes(&event.tokens.cached_input.to_be_bytes());
-    hash.bytes(&event.tokens.output.to_be_bytes());
-    hash.bytes(&event.tokens.reasoning.to_be_bytes());
-    hash.str(event.status.as_str());
-    hash.bytes(&(event.attributes.len() as u64).to_be_bytes());
-    for (key, value) in &event.attributes {
-        hash.str(key);
-        hash.str(value);
-    }
-    hash.optional_str(event.service_tier.as_deref());
-    hash.finish()
+    let fields = PayloadFields {
+        event_id: event.event_id,
+        request_id: &event.request_id,
+        occurred_at_ms: event.occurred_at_ms,
+        tenant_id: &event.tenant_id,
+        model: &event.model,
+        cloud: event.cloud.as_str(),
+        channel_partner: event.channel_partner.as_deref(),
+        region: &event.region,
+        tokens: event.tokens,
+        status: event.status.as_str(),
+        service_tier: event.service_tier.as_deref(),
+    };
+    // A `BTreeMap`: already in key order, keys unique.
+    fields.fingerprint(
+        event.attributes.len(),
+        event
+            .attributes
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_str())),
+    )
 }
 
-struct Fnv1a(u64);
-
-impl Fnv1a {
-    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-
-    fn new() -> Fnv1a {
-        Fnv1a(Self::OFFSET_BASIS)
+/// [`payload_fingerprint`] of a borrowed event: equal to the fingerprint of its owned
+/// form ([`UsageEventRef::to_event`]), without allocating when the wire attributes are
+/// in strictly increasing key order (as [`crate::codec`] writes them).
+pub fn payload_fingerprint_ref(event: &UsageEventRef<'_>) -> u64 {
+    let fields = PayloadFields {
+        event_id: event.event_id,
+        request_id: event.request_id,
+        occurred_at_ms: event.occurred_at_ms,
+        tenant_id: event.tenant_id,
+        model: event.model,
+        cloud: event.cloud.as_str(),
+        channel_partner: event.channel_partner,
+        region: event.region,
+        tokens: event.tokens,
+        status: event.status.as_str(),
+        service_tier: event.service_tier,
+    };
+    let attributes = event.attributes;
+    let mut previous: Option<&str> = None;
+    let in_key_order = attributes.iter().all(|(key, _)| {
+        let increasing = previous.is_none_or(|previous| previous < key);
+        previous = Some(key);
+        increasing
+    });
+    if in_key_order {
+        return fields.fingerprint(attributes.len(), attributes.iter());
     }
-
-    fn bytes(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 ^= u64::from(byte);
-            self.0 = self.0.wrapping_mul(Self::PRIME);
+    // As `to_map` would have it: sorted by key, the last value of a repeated key wins.
+    let mut entries: Vec<(&str, &str)> = attributes.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    let mut unique: Vec<(&str, &str)> = Vec::with_capacity(entries.len());
+    for entry in entries {
+        match unique.last_mut() {
+            Some(last) if last.0 == entry.0 => *last = entry,
+            _ => unique.push(entry),
         }
     }
+    fields.fingerprint(unique.len(), unique.into_iter())
+}
 
+/// The fields of an event that its fingerprint covers, borrowed from either form.
+struct PayloadFields<'a> {
+    event_id: EventId,
+    request_id: &'a str,
+    occurred_at_ms: i64,
+    tenant_id: &'a str,
+    model: &'a str,
+    cloud: &'a str,
+    channel_partner: Option<&'a str>,
+    region: &'a str,
+    tokens: TokenCounts,
+    status: &'a str,
+    service_tier: Option<&'a str>,
+}
+
+impl<'a> PayloadFields<'a> {
+    /// `attributes` must be in strictly increasing key order and `attribute_count` long.
+    fn fingerprint(
+        &self,
+        attribute_count: usize,
+        attributes: impl Iterator<Item = (&'a str, &'a str)>,
+    ) -> u64 {
+        let mut hash = Fingerprinter(foldhash::quality::FixedState::default().build_hasher());
+        hash.0.write_u128(self.event_id.0);
+        hash.str(self.request_id);
+        hash.0.write_i64(self.occurred_at_ms);
+        hash.str(self.tenant_id);
+        hash.str(self.model);
+        hash.str(self.cloud);
+        hash.optional_str(self.channel_partner);
+        hash.str(self.region);
+        hash.0.write_u64(self.tokens.input);
+        hash.0.write_u64(self.tokens.cached_input);
+        hash.0.write_u64(self.tokens.output);
+        hash.0.write_u64(self.tokens.reasoning);
+        hash.str(self.status);
+        hash.0.write_u64(attribute_count as u64);
+        for (key, value) in attributes {
+            hash.str(key);
+            hash.str(value);
+        }
+        hash.optional_str(self.service_tier);
+        hash.0.finish()
+    }
+}
+
+/// Length-prefixed writes, so that field boundaries are part of what is hashed.
+struct Fingerprinter(foldhash::quality::FoldHasher<'static>);
+
+impl Fingerprinter {
     fn str(&mut self, text: &str) {
-        self.bytes(&(text.len() as u64).to_be_bytes());
-        self.bytes(text.as_bytes());
+        self.0.write_u64(text.len() as u64);
+        self.0.write(text.as_bytes());
     }
 
     fn optional_str(&mut self, text: Option<&str>) {
         match text {
-            None => self.bytes(&[0]),
+            None => self.0.write_u8(0),
             Some(text) => {
-                self.bytes(&[1]);
+                self.0.write_u8(1);
                 self.str(text);
             }
         }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
     }
 }
 
@@ -299,6 +400,115 @@ mod tests {
         // Expiry follows the source's windows, not the target's old ones.
         assert_eq!(target.expire(120_000), source.clone().expire(120_000));
         assert_eq!(target.len(), source.len() - 34);
+    }
+
+    fn event_with_attributes() -> UsageEvent {
+        UsageEvent {
+            event_id: EventId(0x0123_4567_89ab_4def_8123_4567_89ab_cdef),
+            request_id: "req-1".to_owned(),
+            occurred_at_ms: 1_735_689_600_000,
+            tenant_id: "tenant-1".to_owned(),
+            model: "atlas-large".to_owned(),
+            cloud: crate::event::Cloud::Aws,
+            channel_partner: Some("partner".to_owned()),
+            region: "us-east-1".to_owned(),
+            tokens: TokenCounts {
+                input: 10,
+                cached_input: 1,
+                output: 5,
+                reasoning: 2,
+            },
+            status: crate::event::RequestStatus::Succeeded,
+            attributes: [("a", "1"), ("b", "2")]
+                .into_iter()
+                .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                .collect(),
+            service_tier: None,
+        }
+    }
+
+    fn encoded(event: &UsageEvent) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        crate::codec::encode_usage_event(event, crate::codec::SchemaId::UsageEventV1, &mut bytes);
+        bytes
+    }
+
+    /// `bytes` with the encoded attribute map `{a: 1, b: 2}` replaced by `map`.
+    fn with_wire_map(bytes: &[u8], map: &[u8]) -> Vec<u8> {
+        let sorted = [4, 2, b'a', 2, b'1', 2, b'b', 2, b'2', 0];
+        let at = bytes
+            .windows(sorted.len())
+            .position(|window| window == sorted)
+            .expect("the sorted map is in the encoding");
+        [&bytes[..at], map, &bytes[at + sorted.len()..]].concat()
+    }
+
+    fn borrowed_fingerprint(bytes: &[u8]) -> (u64, UsageEvent) {
+        match crate::codec::decode_record_ref(bytes).expect("decodes") {
+            crate::codec::DecodedRef::Usage(event) => {
+                (payload_fingerprint_ref(&event), event.to_event())
+            }
+            crate::codec::DecodedRef::Tick(_) => panic!("not a tick"),
+        }
+    }
+
+    #[test]
+    fn borrowed_fingerprint_equals_owned_whatever_the_wire_attribute_order() {
+        let event = event_with_attributes();
+        let sorted = encoded(&event);
+        let unsorted = with_wire_map(&sorted, &[4, 2, b'b', 2, b'2', 2, b'a', 2, b'1', 0]);
+        // `b` repeated: the last value wins, as in the owned map.
+        let repeated = with_wire_map(
+            &sorted,
+            &[6, 2, b'b', 2, b'x', 2, b'a', 2, b'1', 2, b'b', 2, b'2', 0],
+        );
+        for bytes in [&sorted, &unsorted, &repeated] {
+            let (fingerprint, owned) = borrowed_fingerprint(bytes);
+            assert_eq!(owned, event);
+            assert_eq!(fingerprint, payload_fingerprint(&event));
+        }
+        // A different last value is a different payload.
+        let other = with_wire_map(
+            &sorted,
+            &[6, 2, b'b', 2, b'2', 2, b'a', 2, b'1', 2, b'b', 2, b'x', 0],
+        );
+        assert_ne!(borrowed_fingerprint(&other).0, payload_fingerprint(&event));
+    }
+
+    #[test]
+    fn fingerprint_changes_with_every_field_and_with_field_boundaries() {
+        let base = event_with_attributes();
+        let print = payload_fingerprint(&base);
+        assert_eq!(print, payload_fingerprint(&base.clone()));
+        let variants: &[fn(&mut UsageEvent)] = &[
+            |e| e.event_id = EventId(e.event_id.0 ^ 1),
+            |e| e.request_id.push('x'),
+            |e| e.occurred_at_ms += 1,
+            |e| e.tenant_id.push('x'),
+            |e| e.model.push('x'),
+            |e| e.cloud = crate::event::Cloud::Gcp,
+            |e| e.channel_partner = None,
+            |e| e.region.push('x'),
+            |e| e.tokens.input += 1,
+            |e| e.tokens.cached_input += 1,
+            |e| e.tokens.output += 1,
+            |e| e.tokens.reasoning += 1,
+            |e| e.status = crate::event::RequestStatus::Failed,
+            |e| {
+                e.attributes.insert("c".to_owned(), String::new());
+            },
+            |e| e.service_tier = Some(String::new()),
+            // The same bytes split differently between two adjacent fields.
+            |e| {
+                e.tenant_id = "tenant-1a".to_owned();
+                e.model = "tlas-large".to_owned();
+            },
+        ];
+        for (index, change) in variants.iter().enumerate() {
+            let mut event = base.clone();
+            change(&mut event);
+            assert_ne!(payload_fingerprint(&event), print, "variant {index}");
+        }
     }
 
     #[test]
