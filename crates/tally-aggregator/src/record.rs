@@ -14,12 +14,12 @@
 //! routing: they carry no tenant.
 
 use sha2::{Digest, Sha256};
-use tally_core::codec::{Decoded, decode_record};
+use tally_core::codec::{DecodedRef, decode_record_ref};
 use tally_core::contracts::Contracts;
-use tally_core::dedupe::payload_fingerprint;
+use tally_core::dedupe::payload_fingerprint_ref;
 use tally_core::partition::{Classified, PartitionState};
 use tally_core::routing::partition_for_key;
-use tally_core::validate::{ValidationLimits, validate_event};
+use tally_core::validate::{ValidationLimits, validate_event_ref};
 
 /// Reason label of a record whose key or partition does not match its tenant.
 pub const MISROUTED: &str = "misrouted";
@@ -90,31 +90,32 @@ pub fn apply_record(
     rules: &RecordRules<'_>,
     record: &InputRecord<'_>,
 ) -> RecordOutcome {
-    let event = match decode_record(record.value) {
+    // Borrowed all the way: no string is copied unless the event opens a new pane.
+    let event = match decode_record_ref(record.value) {
         Err(error) => {
             state.on_rejected_record();
             return RecordOutcome::Rejected {
                 reason: error.reason(),
             };
         }
-        Ok(Decoded::Tick(tick)) => {
+        Ok(DecodedRef::Tick(tick)) => {
             state.on_tick(tick.tick_time_ms);
             return RecordOutcome::Tick;
         }
-        Ok(Decoded::Usage(event)) => event,
+        Ok(DecodedRef::Usage(event)) => event,
     };
-    if let Err(error) = validate_event(&event, record.timestamp_ms, rules.limits) {
+    if let Err(error) = validate_event_ref(&event, record.timestamp_ms, rules.limits) {
         state.on_rejected_record();
         return RecordOutcome::Rejected {
             reason: error.reason(),
         };
     }
-    if !is_routed_correctly(record, &event.tenant_id, rules.partition_count) {
+    if !is_routed_correctly(record, event.tenant_id, rules.partition_count) {
         state.on_rejected_record();
         return RecordOutcome::Rejected { reason: MISROUTED };
     }
-    let fingerprint = payload_fingerprint(&event);
-    match state.on_event(record.offset, &event, fingerprint, rules.contracts) {
+    let fingerprint = payload_fingerprint_ref(&event);
+    match state.on_event_ref(record.offset, &event, fingerprint, rules.contracts) {
         Classified::Counted { .. } | Classified::Duplicate | Classified::ConflictingDuplicate => {
             RecordOutcome::Absorbed
         }

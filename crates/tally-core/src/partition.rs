@@ -1,7 +1,8 @@
 //! The per-partition state machine the Kafka loop drives: classify, window, close, price.
 //!
 //! The loop feeds every record of one input partition, in offset order, to one
-//! [`PartitionState`]: usage events to [`PartitionState::on_event`], ticks to
+//! [`PartitionState`]: usage events to [`PartitionState::on_event`] (or, borrowed from
+//! their record, [`PartitionState::on_event_ref`]), ticks to
 //! [`PartitionState::on_tick`], records it rejected itself (undecodable, invalid,
 //! misrouted) to [`PartitionState::on_rejected_record`]. It acts on the returned
 //! [`Classified`] (too-late and rejected records go to their topics) and, at each
@@ -66,11 +67,11 @@
 //! dedupe set (see [`crate::dedupe`]), each open pane (its key's strings, the key and
 //! accumulator, B-tree slack) and queued rows. Measured with `cargo test -p tally-core
 //! --test pipeline_props -- --ignored --nocapture --test-threads=1 memory_per`:
-//! - per remembered event id: 85.6 bytes estimated, 86.3 bytes of resident set
+//! - per remembered event id: 68.9 bytes estimated, 52.4 bytes of resident set
 //!   (1 000 000 ids);
 //! - per open key (one pane of short dims strings, in one window; panes are a hash map
-//!   per window): 338.5 bytes estimated; the resident set grew 412 bytes per key
-//!   including the key's event id (≈ 86), so ≈ 326 bytes per pane (200 000 keys).
+//!   per window): 338.5 bytes estimated; the resident set grew 401 bytes per key
+//!   including the key's event id (≈ 52), so ≈ 349 bytes per pane (200 000 keys).
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
@@ -79,9 +80,10 @@ use std::hash::{Hash, Hasher};
 use std::mem::size_of;
 
 use crate::aggregate::{BillingAggregate, Dims, PartnerShare, RowKind};
+use crate::codec::UsageEventRef;
 use crate::contracts::{Contracts, PricingError};
 use crate::dedupe::{Claim, DedupeSet, hash_buckets_for_capacity};
-use crate::event::{Cloud, RequestStatus, TokenCounts, UsageEvent};
+use crate::event::{Cloud, EventId, RequestStatus, TokenCounts, UsageEvent};
 use crate::identity::{RowIdentity, row_id};
 use crate::money::{MoneyError, RowAmounts};
 use crate::window::{Window, WindowSize};
@@ -299,8 +301,10 @@ type PaneKey = (Dims, RowKind);
 /// The open panes of one window. A hash map: the pane of every counted event is looked
 /// up here, and a B-tree of string keys cost about twenty string comparisons per
 /// lookup at 50 000 panes (the largest item of the hot path, `benches/hot_path.rs`).
-/// Iteration order does not matter: closed panes are sorted before they are queued.
-type Panes = HashMap<PaneKey, PaneAcc>;
+/// Iteration order does not matter: closed panes are sorted before they are queued, so
+/// the hasher is foldhash with a per-process random seed (several times faster than
+/// SipHash on the dims strings, and its order is never observable).
+type Panes = HashMap<PaneKey, PaneAcc, foldhash::fast::RandomState>;
 
 /// A pane key as borrowed fields, in `PaneKey`'s order (the fields of [`Dims`], then the
 /// row kind), so an event's pane is looked up without cloning its dims strings: the
@@ -325,21 +329,68 @@ impl PaneKeyView for PaneKey {
     }
 }
 
+/// The fields of a usage event the state machine reads, borrowed from an owned
+/// [`UsageEvent`] or from a record ([`UsageEventRef`]), so both forms take the same path.
+#[derive(Debug, Clone, Copy)]
+struct EventFields<'a> {
+    event_id: EventId,
+    occurred_at_ms: i64,
+    tenant_id: &'a str,
+    model: &'a str,
+    cloud: Cloud,
+    channel_partner: Option<&'a str>,
+    region: &'a str,
+    tokens: TokenCounts,
+    status: RequestStatus,
+}
+
+impl<'a> From<&'a UsageEvent> for EventFields<'a> {
+    fn from(event: &'a UsageEvent) -> EventFields<'a> {
+        EventFields {
+            event_id: event.event_id,
+            occurred_at_ms: event.occurred_at_ms,
+            tenant_id: &event.tenant_id,
+            model: &event.model,
+            cloud: event.cloud,
+            channel_partner: event.channel_partner.as_deref(),
+            region: &event.region,
+            tokens: event.tokens,
+            status: event.status,
+        }
+    }
+}
+
+impl<'a> From<&UsageEventRef<'a>> for EventFields<'a> {
+    fn from(event: &UsageEventRef<'a>) -> EventFields<'a> {
+        EventFields {
+            event_id: event.event_id,
+            occurred_at_ms: event.occurred_at_ms,
+            tenant_id: event.tenant_id,
+            model: event.model,
+            cloud: event.cloud,
+            channel_partner: event.channel_partner,
+            region: event.region,
+            tokens: event.tokens,
+            status: event.status,
+        }
+    }
+}
+
 /// The pane key of an event, borrowed from it.
 struct EventPaneKey<'a> {
-    event: &'a UsageEvent,
+    event: EventFields<'a>,
     row_kind: RowKind,
 }
 
 impl PaneKeyView for EventPaneKey<'_> {
     fn view(&self) -> (&str, &str, Cloud, Option<&str>, &str, RowKind) {
-        let event = self.event;
+        let event = &self.event;
         (
-            &event.tenant_id,
-            &event.model,
+            event.tenant_id,
+            event.model,
             event.cloud,
-            event.channel_partner.as_deref(),
-            &event.region,
+            event.channel_partner,
+            event.region,
             self.row_kind,
         )
     }
@@ -389,7 +440,7 @@ struct PaneAcc {
 }
 
 impl PaneAcc {
-    fn first(offset: i64, event: &UsageEvent) -> PaneAcc {
+    fn first(offset: i64, event: &EventFields<'_>) -> PaneAcc {
         PaneAcc {
             event_count: 1,
             tokens: event.tokens,
@@ -414,7 +465,7 @@ impl PaneAcc {
         })
     }
 
-    fn add(&mut self, offset: i64, event: &UsageEvent) {
+    fn add(&mut self, offset: i64, event: &EventFields<'_>) {
         self.event_count += 1;
         // `fits` was checked: no kind exceeds 2⁴⁰, so these additions are exact.
         self.tokens.add(&event.tokens);
@@ -463,6 +514,9 @@ pub struct PartitionState {
     dedupe: DedupeSet,
     closed: Vec<ClosedPane>,
     counters: PartitionCounters,
+    /// Pane count of the last on-time window that closed: the capacity a new window's
+    /// table starts with, so it does not rehash its way up (no effect on decisions).
+    on_time_panes_hint: usize,
 }
 
 /// A deep copy. `clone_from` reuses the target's allocations where the collections
@@ -481,6 +535,7 @@ impl Clone for PartitionState {
             dedupe: self.dedupe.clone(),
             closed: self.closed.clone(),
             counters: self.counters,
+            on_time_panes_hint: self.on_time_panes_hint,
         }
     }
 
@@ -497,6 +552,7 @@ impl Clone for PartitionState {
             dedupe,
             closed,
             counters,
+            on_time_panes_hint,
         } = source;
         self.params.clone_from(params);
         self.too_late_after_ms = *too_late_after_ms;
@@ -508,6 +564,7 @@ impl Clone for PartitionState {
         self.dedupe.clone_from(dedupe);
         self.closed.clone_from(closed);
         self.counters = *counters;
+        self.on_time_panes_hint = *on_time_panes_hint;
     }
 }
 
@@ -531,6 +588,7 @@ impl PartitionState {
             dedupe,
             closed: Vec::new(),
             counters: PartitionCounters::default(),
+            on_time_panes_hint: 0,
         })
     }
 
@@ -549,8 +607,32 @@ impl PartitionState {
         payload_fingerprint: u64,
         contracts: &Contracts,
     ) -> Classified {
+        self.on_fields(offset, event.into(), payload_fingerprint, contracts)
+    }
+
+    /// [`PartitionState::on_event`] for an event borrowed from its record: the same
+    /// decision and state change, with strings copied only when a new pane opens.
+    /// `payload_fingerprint` is normally [`crate::dedupe::payload_fingerprint_ref`],
+    /// which equals the owned form's fingerprint.
+    pub fn on_event_ref(
+        &mut self,
+        offset: i64,
+        event: &UsageEventRef<'_>,
+        payload_fingerprint: u64,
+        contracts: &Contracts,
+    ) -> Classified {
+        self.on_fields(offset, event.into(), payload_fingerprint, contracts)
+    }
+
+    fn on_fields(
+        &mut self,
+        offset: i64,
+        event: EventFields<'_>,
+        payload_fingerprint: u64,
+        contracts: &Contracts,
+    ) -> Classified {
         self.counters.consumed += 1;
-        let classified = self.classify_and_count(offset, event, payload_fingerprint, contracts);
+        let classified = self.classify_and_count(offset, &event, payload_fingerprint, contracts);
         match classified {
             Classified::Counted { pane, .. } => {
                 self.counters.counted += 1;
@@ -580,7 +662,7 @@ impl PartitionState {
     fn classify_and_count(
         &mut self,
         offset: i64,
-        event: &UsageEvent,
+        event: &EventFields<'_>,
         payload_fingerprint: u64,
         contracts: &Contracts,
     ) -> Classified {
@@ -594,7 +676,7 @@ impl PartitionState {
         let Some(window) = self.params.window.window_of(event.occurred_at_ms) else {
             return Classified::Rejected(RejectReason::EventTimeOutOfRange);
         };
-        let price_book = match contracts.price_for(&event.model, window.start_ms) {
+        let price_book = match contracts.price_for(event.model, window.start_ms) {
             Ok((version, _price)) => version,
             Err(PricingError::NoPriceInForce { .. }) => {
                 return Classified::Rejected(RejectReason::NoPriceInForce);
@@ -640,10 +722,18 @@ impl PartitionState {
 
         // 4. Counted: claim the id and add to the pane in one step.
         let panes = match pane {
-            CountedAs::OnTime => self.on_time.entry(window.start_ms).or_default(),
+            CountedAs::OnTime => {
+                let hint = self.on_time_panes_hint;
+                self.on_time
+                    .entry(window.start_ms)
+                    .or_insert_with(|| Panes::with_capacity_and_hasher(hint, Default::default()))
+            }
             CountedAs::Correction => self.corrections.entry(window.start_ms).or_default(),
         };
-        let lookup = EventPaneKey { event, row_kind };
+        let lookup = EventPaneKey {
+            event: *event,
+            row_kind,
+        };
         match panes.get_mut(&lookup as &dyn PaneKeyView) {
             Some(acc) => {
                 if !acc.fits(&event.tokens) {
@@ -659,11 +749,11 @@ impl PartitionState {
                     return Classified::Rejected(RejectReason::PaneTokenLimit);
                 }
                 let dims = Dims {
-                    tenant_id: event.tenant_id.clone(),
-                    model: event.model.clone(),
+                    tenant_id: event.tenant_id.to_owned(),
+                    model: event.model.to_owned(),
                     cloud: event.cloud,
-                    channel_partner: event.channel_partner.clone(),
-                    region: event.region.clone(),
+                    channel_partner: event.channel_partner.map(str::to_owned),
+                    region: event.region.to_owned(),
                 };
                 panes.insert((dims, row_kind), PaneAcc::first(offset, event));
             }
@@ -703,10 +793,17 @@ impl PartitionState {
             Some(old) => old.max(candidate_ms),
             None => candidate_ms,
         };
+        if old == Some(new) && !at_tick {
+            // Nothing can close or expire at a watermark already reached: every window
+            // and id due at it was handled when it was first reached, and what was
+            // counted since is, by classification, not due.
+            return;
+        }
         self.watermark_ms = Some(new);
         let window = self.params.window;
         let crossed_boundary = old.is_some_and(|old| window.index_of(old) != window.index_of(new));
-        let mut newly_closed = Vec::new();
+        // Panes closed in this step are appended here, then sorted in place.
+        let first_new = self.closed.len();
 
         // On-time windows whose end + allowed lateness the watermark reached.
         while let Some(entry) = self.on_time.first_entry() {
@@ -716,8 +813,11 @@ impl PartitionState {
                 break;
             }
             let bounds = Window { start_ms, end_ms };
-            for ((dims, row_kind), acc) in entry.remove() {
-                newly_closed.push(ClosedPane {
+            let panes = entry.remove();
+            self.on_time_panes_hint = panes.len();
+            self.closed.reserve(panes.len());
+            for ((dims, row_kind), acc) in panes {
+                self.closed.push(ClosedPane {
                     window: bounds,
                     dims,
                     row_kind,
@@ -736,14 +836,22 @@ impl PartitionState {
                 };
                 let sequences = self.last_correction_seq.entry(start_ms).or_default();
                 for (key, acc) in panes {
-                    let sequence = sequences.entry(key.clone()).or_insert(0);
-                    *sequence += 1;
+                    let sequence = match sequences.get_mut(&key) {
+                        Some(sequence) => {
+                            *sequence += 1;
+                            *sequence
+                        }
+                        None => {
+                            sequences.insert(key.clone(), 1);
+                            1
+                        }
+                    };
                     let (dims, row_kind) = key;
-                    newly_closed.push(ClosedPane {
+                    self.closed.push(ClosedPane {
                         window: bounds,
                         dims,
                         row_kind,
-                        correction_seq: *sequence,
+                        correction_seq: sequence,
                         acc,
                     });
                 }
@@ -761,7 +869,10 @@ impl PartitionState {
 
         self.dedupe.expire(new);
 
-        newly_closed.sort_by(|a, b| {
+        // No two panes closed in one step share (window, dims, row kind, sequence) (a
+        // window is either on time or in corrections, and each holds one pane per key),
+        // so an unstable sort yields the one order there is.
+        self.closed[first_new..].sort_unstable_by(|a, b| {
             (a.window.start_ms, &a.dims, a.row_kind, a.correction_seq).cmp(&(
                 b.window.start_ms,
                 &b.dims,
@@ -769,7 +880,6 @@ impl PartitionState {
                 b.correction_seq,
             ))
         });
-        self.closed.extend(newly_closed);
     }
 
     /// Prices and returns the rows of every pane closed since the last drain, in
@@ -1110,7 +1220,7 @@ effective_from = "2025-01-01T00:00:00Z"
                 service_tier: None,
             };
             let from_event = EventPaneKey {
-                event: &event,
+                event: EventFields::from(&event),
                 row_kind: *row_kind,
             };
             let from_event: &dyn PaneKeyView = &from_event;

@@ -4,8 +4,8 @@
 //! gateway sent it), never to the wall clock, so a replay next month decides exactly as
 //! the live run did.
 
-use crate::codec::DecodeError;
-use crate::event::{Cloud, RequestStatus, UsageEvent};
+use crate::codec::{DecodeError, UsageEventRef};
+use crate::event::{Cloud, RequestStatus, TokenCounts, UsageEvent};
 
 /// Limits applied to every usage event after decoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +42,56 @@ impl Default for ValidationLimits {
 /// record is rejected, because its window could not be decided reproducibly).
 pub fn validate_event(
     event: &UsageEvent,
+    kafka_timestamp_ms: Option<i64>,
+    limits: &ValidationLimits,
+) -> Result<(), DecodeError> {
+    validate_fields(
+        &Checked {
+            tokens: event.tokens,
+            cloud: event.cloud,
+            status: event.status,
+            tenant_id: &event.tenant_id,
+            model: &event.model,
+            occurred_at_ms: event.occurred_at_ms,
+        },
+        kafka_timestamp_ms,
+        limits,
+    )
+}
+
+/// [`validate_event`] for an event borrowed from its record: the same checks, the same
+/// errors.
+pub fn validate_event_ref(
+    event: &UsageEventRef<'_>,
+    kafka_timestamp_ms: Option<i64>,
+    limits: &ValidationLimits,
+) -> Result<(), DecodeError> {
+    validate_fields(
+        &Checked {
+            tokens: event.tokens,
+            cloud: event.cloud,
+            status: event.status,
+            tenant_id: event.tenant_id,
+            model: event.model,
+            occurred_at_ms: event.occurred_at_ms,
+        },
+        kafka_timestamp_ms,
+        limits,
+    )
+}
+
+/// The fields the checks read, from either form of an event.
+struct Checked<'a> {
+    tokens: TokenCounts,
+    cloud: Cloud,
+    status: RequestStatus,
+    tenant_id: &'a str,
+    model: &'a str,
+    occurred_at_ms: i64,
+}
+
+fn validate_fields(
+    event: &Checked<'_>,
     kafka_timestamp_ms: Option<i64>,
     limits: &ValidationLimits,
 ) -> Result<(), DecodeError> {

@@ -14,7 +14,9 @@
 //! - each row closes at the record the closing rules name, with exactly its pane's
 //!   events (offsets, times, tokens), in (window, dims, row kind, sequence) order;
 //! - no row id appears twice; sequences per key are 0 and/or 1, 2, … without gaps;
-//! - every row is priced exactly by the version in force at its window start.
+//! - every row is priced exactly by the version in force at its window start;
+//! - events read borrowed from their encoded records (the aggregator's path) are
+//!   decided exactly as the owned events are, with the same fingerprints.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -22,8 +24,9 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 
 use tally_core::aggregate::{BillingAggregate, Dims, RowKind};
+use tally_core::codec::{DecodedRef, SchemaId, decode_record_ref, encode_usage_event};
 use tally_core::contracts::{Contracts, PricingError, parse_utc_timestamp};
-use tally_core::dedupe::{DedupeSet, payload_fingerprint};
+use tally_core::dedupe::{DedupeSet, payload_fingerprint, payload_fingerprint_ref};
 use tally_core::event::{Cloud, EventId, RequestStatus, TokenCounts, UsageEvent};
 use tally_core::money::round_half_even;
 use tally_core::partition::{
@@ -755,6 +758,44 @@ proptest! {
         let cut = cut.index(records.len() + 1);
         let after_abort = run_with_abort(&records, &params, &contracts, cut, abandoned);
         prop_assert_eq!(&once.rows, &after_abort);
+    }
+
+    #[test]
+    fn borrowed_records_are_decided_exactly_like_owned_events(
+        params in params_strategy(),
+        ops in prop::collection::vec(op(), 1..160),
+    ) {
+        let contracts = contracts();
+        let records = build_records(&ops);
+        let owned = run(&records, &params, &contracts, false);
+        let mut state = PartitionState::new(params.clone()).expect("valid params");
+        let mut classes = Vec::new();
+        let mut watermarks = Vec::new();
+        let mut bytes = Vec::new();
+        for (offset, record) in (0i64..).zip(&records) {
+            match record {
+                Record::Event(event) => {
+                    bytes.clear();
+                    encode_usage_event(event, SchemaId::UsageEventV2, &mut bytes);
+                    let Ok(DecodedRef::Usage(borrowed)) = decode_record_ref(&bytes) else {
+                        panic!("an encoded event decodes");
+                    };
+                    let fingerprint = payload_fingerprint_ref(&borrowed);
+                    prop_assert_eq!(fingerprint, payload_fingerprint(event));
+                    classes.push(Some(state.on_event_ref(offset, &borrowed, fingerprint, &contracts)));
+                }
+                Record::Tick(time) => {
+                    state.on_tick(*time);
+                    classes.push(None);
+                }
+            }
+            watermarks.push(state.watermark());
+        }
+        let rows = state.drain_closed(&contracts).expect("priced");
+        prop_assert_eq!(&classes, &owned.classes);
+        prop_assert_eq!(&watermarks, &owned.watermarks);
+        prop_assert_eq!(&rows, &owned.rows);
+        prop_assert_eq!(state.counters(), owned.counters);
     }
 
     #[test]
