@@ -379,8 +379,13 @@ impl Engine {
         }
     }
 
-    /// Processes one input record.
-    fn on_record(&mut self, message: &BorrowedMessage<'_>) -> Result<(), AggregatorError> {
+    /// Processes one input record; `now` is when it was polled (one clock read per
+    /// record, shared with the loop's housekeeping check).
+    fn on_record(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        now: Instant,
+    ) -> Result<(), AggregatorError> {
         let partition = message.partition();
         let record = InputRecord {
             partition,
@@ -403,7 +408,6 @@ impl Engine {
             return Ok(());
         }
         let outcome = apply_record(&mut owned.live, &rules, &record);
-        let now = Instant::now();
         owned.next_offset = record.offset + 1;
         owned.dirty = true;
         owned.at_end = false;
@@ -1195,6 +1199,7 @@ fn drive(
             return Ok(ExitReason::Shutdown);
         }
         let polled = consumer.poll(POLL_TIMEOUT);
+        let now = Instant::now();
         if let Some(error) = context.take_deferred() {
             return Err(error);
         }
@@ -1202,7 +1207,7 @@ fn drive(
         let mut quiet = false;
         match polled {
             None => quiet = true,
-            Some(Ok(message)) => engine.on_record(&message)?,
+            Some(Ok(message)) => engine.on_record(&message, now)?,
             Some(Err(KafkaError::PartitionEOF(partition))) => {
                 engine.on_eof(partition);
                 quiet = true;
@@ -1217,10 +1222,10 @@ fn drive(
                 warn!(error = %error, "consumer error");
             }
         }
-        if !quiet && last_housekeeping.elapsed() < HOUSEKEEPING_EVERY {
+        if !quiet && now.saturating_duration_since(last_housekeeping) < HOUSEKEEPING_EVERY {
             continue;
         }
-        last_housekeeping = Instant::now();
+        last_housekeeping = now;
         engine.producer.poll(Duration::ZERO);
         engine.write_idle_ticks()?;
         if engine.last_commit.elapsed() >= commit_interval {
