@@ -23,6 +23,9 @@
 //! (e.g. `fetch.queue.backoff.ms=1000`, librdkafka's default, to see the stall it
 //! causes).
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -30,12 +33,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
+use support::eos::{add_counters, create_topics, kafka_client};
+use support::rand_name;
 use tally_aggregator::{AggregatorSettings, Checkpoint, StartFrom};
 use tally_core::config::Config;
 use tally_core::contracts::Contracts;
@@ -64,38 +65,6 @@ fn bootstrap() -> String {
             );
             std::process::exit(2);
         }
-    }
-}
-
-fn client(bootstrap: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", bootstrap);
-    config
-}
-
-fn suffix() -> String {
-    format!("{:016x}", rand::rng().random::<u64>())
-}
-
-fn create_topics(bootstrap: &str, names: &[&str]) {
-    let admin: AdminClient<DefaultClientContext> =
-        client(bootstrap).create().expect("admin client");
-    let topics: Vec<NewTopic<'_>> = names
-        .iter()
-        .map(|name| NewTopic::new(name, PARTITIONS, TopicReplication::Fixed(1)))
-        .collect();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let results = runtime
-        .block_on(admin.create_topics(
-            &topics,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        ))
-        .expect("create topics");
-    for result in results {
-        result.expect("topic created");
     }
 }
 
@@ -146,7 +115,7 @@ fn generator_config(count: u64) -> GeneratorConfig {
 
 /// Preloads `count` records and a far-future tick per partition; returns the truth.
 fn preload(bootstrap: &str, topic: &str, count: u64) -> GroundTruth {
-    let producer = UsageProducer::new(&client(bootstrap), ProducerOptions::new(topic))
+    let producer = UsageProducer::new(&kafka_client(bootstrap), ProducerOptions::new(topic))
         .expect("usage producer");
     let options = ProduceOptions {
         progress_interval: Duration::from_secs(5),
@@ -211,7 +180,7 @@ fn settings(bootstrap: &str, topics: &Topics, group: &str) -> AggregatorSettings
     let text = std::fs::read_to_string(&path).expect("read the default contracts");
     let window = WindowSize::new(config.aggregator.window_ms).expect("default window");
     let contracts = Contracts::load(&text, window).expect("default contracts load");
-    let mut settings = AggregatorSettings::new(config, contracts, format!("bench-{}", suffix()));
+    let mut settings = AggregatorSettings::new(config, contracts, rand_name("bench"));
     settings.start_from = Some(StartFrom::Earliest);
     settings.exit_after_idle = Some(Duration::from_millis(2_000));
     settings
@@ -258,12 +227,12 @@ fn main() {
         .and_then(|text| text.parse().ok())
         .unwrap_or(if test_mode { TEST_EVENTS } else { FULL_EVENTS });
     let bootstrap = bootstrap();
-    let id = suffix();
+    let id = rand_name("bench");
     let topics = Topics {
-        events: format!("bench-events-{id}"),
-        aggregates: format!("bench-aggregates-{id}"),
-        late: format!("bench-late-{id}"),
-        dlq: format!("bench-dlq-{id}"),
+        events: format!("{id}-events"),
+        aggregates: format!("{id}-aggregates"),
+        late: format!("{id}-late"),
+        dlq: format!("{id}-dlq"),
     };
     create_topics(
         &bootstrap,
@@ -273,12 +242,13 @@ fn main() {
             &topics.late,
             &topics.dlq,
         ],
+        PARTITIONS,
     );
     let truth = preload(&bootstrap, &topics.events, count);
     assert!(truth.is_conserved());
 
-    let group = format!("bench-group-{id}");
-    let watcher: BaseConsumer = client(&bootstrap)
+    let group = format!("{id}-group");
+    let watcher: BaseConsumer = kafka_client(&bootstrap)
         .set("group.id", &group)
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
@@ -334,13 +304,7 @@ fn main() {
             .as_ref()
             .unwrap_or_else(|| panic!("partition {partition} has no tally checkpoint"));
         assert!(checkpoint.counters.is_conserved());
-        let c = checkpoint.counters;
-        counters.consumed += c.consumed;
-        counters.counted += c.counted;
-        counters.duplicates += c.duplicates;
-        counters.too_late += c.too_late;
-        counters.rejected += c.rejected;
-        counters.ticks += c.ticks;
+        add_counters(&mut counters, &checkpoint.counters);
     }
     assert_eq!(checkpoints.len(), PARTITIONS as usize);
     assert_eq!(counters.consumed, truth.produced, "consumed = produced");

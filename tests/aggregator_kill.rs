@@ -32,10 +32,14 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::TestTopics;
+use support::eos::{
+    AggregatorProcess, ChildConfig, ChildLog, ReadRecord, create_outputs, log_tail,
+    read_committed_within,
+};
 use support::kill::{
-    AggregatorProcess, ConcurrentReader, OffsetProbe, OutputRecord, TransactionProbe, Verification,
-    count_log_messages, create_outputs, load_contracts, log_tail, produce_input, read_committed,
-    restored_records_in_log, stable_committed, verify_against_truth, write_aggregator_config,
+    ConcurrentReader, EVENT_TIME, OffsetProbe, PARTITIONS, TransactionProbe, Verification,
+    count_log_messages, load_contracts, produce_input, restored_records_in_log, stable_committed,
+    verify_against_truth,
 };
 use tally_core::codec::decode_aggregate;
 use tally_producer::GroundTruth;
@@ -103,9 +107,11 @@ impl Deployment {
         let bootstrap = support::bootstrap();
         let mut topics = TestTopics::random();
         topics.usage_events = input.to_owned();
-        create_outputs(&bootstrap, &topics);
+        create_outputs(&topics, PARTITIONS);
         let group = support::rand_name("kill-group");
-        let config = write_aggregator_config(dir, &topics, &group, client);
+        let config = ChildConfig::new(&group, EVENT_TIME, PARTITIONS)
+            .with_client(client)
+            .write(dir, &group, &topics, PARTITIONS);
         let log = dir.join(format!("{group}.log"));
         Deployment {
             bootstrap,
@@ -118,23 +124,24 @@ impl Deployment {
     }
 
     fn spawn(&self, commit_interval_ms: u64, exit_after_idle: bool) -> AggregatorProcess {
-        let mut args = vec![
-            "--start-from".to_owned(),
-            "earliest".to_owned(),
-            "--commit-interval-ms".to_owned(),
-            commit_interval_ms.to_string(),
-        ];
+        let interval = commit_interval_ms.to_string();
+        let mut args = vec!["--commit-interval-ms", interval.as_str()];
         if exit_after_idle {
-            args.push("--exit-after-idle-ms".to_owned());
-            args.push("2000".to_owned());
+            args.extend(["--exit-after-idle-ms", "2000"]);
         }
-        AggregatorProcess::spawn(&self.config, &self.instance_id, &args, &self.log)
+        AggregatorProcess::start(
+            &self.config,
+            &self.instance_id,
+            &args,
+            &self.log,
+            ChildLog::JsonAppend,
+        )
     }
 
     /// Runs until the aggregator exits by itself (idle); asserts exit status 0.
     fn run_to_end(&self, commit_interval_ms: u64) {
         let mut process = self.spawn(commit_interval_ms, true);
-        let status = process.wait_exit(FINAL_RUN_TIMEOUT).unwrap_or_else(|| {
+        let status = process.wait_timeout(FINAL_RUN_TIMEOUT).unwrap_or_else(|| {
             panic!(
                 "the final run did not exit within {FINAL_RUN_TIMEOUT:?}:\n{}",
                 log_tail(&self.log, 30)
@@ -220,7 +227,7 @@ fn kill_loop(deployment: &Deployment, plan: &KillPlan, total_offsets: i64) -> Ki
         let wait_for = |done: &dyn Fn() -> bool, process: &mut AggregatorProcess, what: &str| {
             while !done() {
                 assert!(
-                    process.try_exit().is_none(),
+                    process.try_status().is_none(),
                     "the aggregator exited before kill {kill}:\n{}",
                     log_tail(&deployment.log, 30)
                 );
@@ -239,7 +246,7 @@ fn kill_loop(deployment: &Deployment, plan: &KillPlan, total_offsets: i64) -> Ki
             report.kills_long_phase += 1;
             let assigned = || {
                 count_log_messages(&deployment.log, ASSIGNED)
-                    >= assigned_before + support::kill::PARTITIONS as usize
+                    >= assigned_before + PARTITIONS as usize
             };
             wait_for(&assigned, &mut process, "assignment");
             rng.random_range(500..4_500)
@@ -251,12 +258,12 @@ fn kill_loop(deployment: &Deployment, plan: &KillPlan, total_offsets: i64) -> Ki
         };
         thread::sleep(Duration::from_millis(delay));
         assert!(
-            process.try_exit().is_none(),
+            process.try_status().is_none(),
             "the aggregator died by itself before kill {kill}:\n{}",
             log_tail(&deployment.log, 30)
         );
         let committed_at_kill = probe.sum();
-        process.sigkill();
+        process.kill();
         let open = transactions.open(&deployment.all_topics());
         report.kills += 1;
         report.kills_with_open_transaction += usize::from(!open.is_empty());
@@ -281,7 +288,7 @@ fn kill_loop(deployment: &Deployment, plan: &KillPlan, total_offsets: i64) -> Ki
 /// Total offsets of the input a group commits at the end: records plus one gateway tick
 /// per partition (aggregator ticks come after those and are not counted here).
 fn input_offsets(truth: &GroundTruth) -> i64 {
-    i64::try_from(truth.produced).expect("small") + i64::from(support::kill::PARTITIONS)
+    i64::try_from(truth.produced).expect("small") + i64::from(PARTITIONS)
 }
 
 fn assert_exact(what: &str, verification: &Verification, deployment: &Deployment) {
@@ -325,7 +332,7 @@ fn assert_all_classes(truth: &GroundTruth) {
 /// Checks what a read_committed reader saw while the kills ran: nothing that is not in
 /// the final read (no aborted record was ever visible), no row id twice. Returns how
 /// many rows it saw.
-fn assert_concurrent_view(seen: &[OutputRecord], final_rows: &[(Vec<u8>, Vec<u8>)]) -> usize {
+fn assert_concurrent_view(seen: &[ReadRecord], final_rows: &[(Vec<u8>, Vec<u8>)]) -> usize {
     let final_set: BTreeSet<&(Vec<u8>, Vec<u8>)> = final_rows.iter().collect();
     let mut ids: BTreeMap<String, u32> = BTreeMap::new();
     let mut vanished = Vec::new();
@@ -362,7 +369,7 @@ fn crash_soak_with_sigkills_matches_ground_truth() {
     let dir = tempfile::tempdir().expect("temp dir");
     let bootstrap = support::bootstrap();
     let input = support::rand_name("kill-soak-events");
-    let truth = produce_input(&bootstrap, &input, events, 20_251_126, LARGE_BATCHES);
+    let truth = produce_input(&input, events, 20_251_126, LARGE_BATCHES);
     assert_all_classes(&truth);
     let produced_at = started.elapsed();
     eprintln!("soak input ({produced_at:?}): {}", describe(&truth));
@@ -410,9 +417,8 @@ fn same_input_gives_identical_rows_across_commit_intervals_and_kills() {
     let _serial = serial();
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("temp dir");
-    let bootstrap = support::bootstrap();
     let input = support::rand_name("kill-same-events");
-    let truth = produce_input(&bootstrap, &input, 100_000, 77, SMALL_BATCHES);
+    let truth = produce_input(&input, 100_000, 77, SMALL_BATCHES);
     assert_all_classes(&truth);
     eprintln!("input: {}", describe(&truth));
 
@@ -461,7 +467,7 @@ fn sigterm_commits_and_exits_zero_then_restart_continues_exactly() {
     let bootstrap = support::bootstrap();
     let input = support::rand_name("kill-term-events");
     let test_started = Instant::now();
-    let truth = produce_input(&bootstrap, &input, 100_000, 91, SMALL_BATCHES);
+    let truth = produce_input(&input, 100_000, 91, SMALL_BATCHES);
     assert_all_classes(&truth);
     eprintln!("input produced in {:?}", test_started.elapsed());
     let total = input_offsets(&truth);
@@ -473,7 +479,7 @@ fn sigterm_commits_and_exits_zero_then_restart_continues_exactly() {
     let started = Instant::now();
     while probe.sum() == 0 {
         assert!(
-            process.try_exit().is_none(),
+            process.try_status().is_none(),
             "{}",
             log_tail(&deployment.log, 30)
         );
@@ -483,13 +489,15 @@ fn sigterm_commits_and_exits_zero_then_restart_continues_exactly() {
     thread::sleep(Duration::from_millis(2_500));
     let before_term = probe.sum();
     let terminated_at = Instant::now();
-    process.sigterm();
-    let status = process.wait_exit(SIGTERM_EXIT_TIMEOUT).unwrap_or_else(|| {
-        panic!(
-            "no exit within {SIGTERM_EXIT_TIMEOUT:?} of SIGTERM:\n{}",
-            log_tail(&deployment.log, 30)
-        )
-    });
+    process.signal("TERM");
+    let status = process
+        .wait_timeout(SIGTERM_EXIT_TIMEOUT)
+        .unwrap_or_else(|| {
+            panic!(
+                "no exit within {SIGTERM_EXIT_TIMEOUT:?} of SIGTERM:\n{}",
+                log_tail(&deployment.log, 30)
+            )
+        });
     let exit_after = terminated_at.elapsed();
     assert!(
         status.success(),
@@ -501,9 +509,10 @@ fn sigterm_commits_and_exits_zero_then_restart_continues_exactly() {
     // and a read_committed reader reaches the end of billing.aggregates at once.
     let open = TransactionProbe::new(&bootstrap).open(&deployment.all_topics());
     assert!(open.is_empty(), "transactions left open: {open:?}");
-    let rows_after_term = read_committed(
+    let rows_after_term = read_committed_within(
         &bootstrap,
         &deployment.topics.billing_aggregates,
+        PARTITIONS,
         Duration::from_secs(15),
     );
     let committed = stable_committed(
@@ -553,7 +562,7 @@ fn read_committed_reader_running_throughout_sees_nothing_that_disappears() {
     let bootstrap = support::bootstrap();
     let input = support::rand_name("kill-reader-events");
     let test_started = Instant::now();
-    let truth = produce_input(&bootstrap, &input, 80_000, 5, SMALL_BATCHES);
+    let truth = produce_input(&input, 80_000, 5, SMALL_BATCHES);
     assert_all_classes(&truth);
     eprintln!("input produced in {:?}", test_started.elapsed());
     let deployment = Deployment::new(dir.path(), &input, &SLOW_FETCHES);

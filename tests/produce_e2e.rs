@@ -9,11 +9,9 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use support::eos::{DimsKey, ReadRecord, Sums, read_committed_within, truth_dims_key};
 use support::{TestTopics, assert_success, bootstrap, tally, write_config};
 use tally_core::codec::{Decoded, decode_record};
 use tally_core::event::EventId;
@@ -24,18 +22,6 @@ use tally_producer::GroundTruth;
 const PARTITIONS: i32 = 4;
 const EVENTS: u64 = 120_000;
 
-/// (window start, tenant, model, cloud, partner, region)
-type Key = (i64, String, String, String, Option<String>, String);
-
-#[derive(Debug, Default, PartialEq, Eq, Clone, Copy)]
-struct Sums {
-    events: u64,
-    input: u64,
-    cached_input: u64,
-    output: u64,
-    reasoning: u64,
-}
-
 #[derive(Debug, Default)]
 struct Recount {
     records: u64,
@@ -44,54 +30,19 @@ struct Recount {
     too_late: u64,
     rejected: u64,
     rejected_by_reason: BTreeMap<&'static str, u64>,
-    counted_sums: BTreeMap<Key, Sums>,
+    counted_sums: BTreeMap<DimsKey, Sums>,
 }
 
-struct Record {
-    partition: i32,
-    key: Option<Vec<u8>>,
-    value: Vec<u8>,
-    timestamp_ms: Option<i64>,
+/// Reads every record of `topic` (all partitions, from the beginning, read_committed)
+/// within a minute.
+fn read_all(topic: &str) -> Vec<ReadRecord> {
+    read_committed_within(&bootstrap(), topic, PARTITIONS, Duration::from_secs(60))
 }
 
-/// Reads every record of `topic` (all partitions, from the beginning) until `expected`
-/// records arrived or a minute passed.
-fn read_all(topic: &str, expected: u64) -> Vec<Record> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("group.id", support::rand_name("reader"))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .expect("consumer");
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        assignment
-            .add_partition_offset(topic, partition, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&assignment).expect("assign");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut records = Vec::new();
-    while (records.len() as u64) < expected && Instant::now() < deadline {
-        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = result.expect("consume");
-        records.push(Record {
-            partition: message.partition(),
-            key: message.key().map(<[u8]>::to_vec),
-            value: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-            timestamp_ms: message.timestamp().to_millis(),
-        });
-    }
-    records
-}
-
-fn recount(records: &[Record], truth: &GroundTruth) -> Recount {
+fn recount(records: &[ReadRecord], truth: &GroundTruth) -> Recount {
     let config = &truth.config;
     let limits = ValidationLimits::default();
-    let mut by_partition: BTreeMap<i32, Vec<&Record>> = BTreeMap::new();
+    let mut by_partition: BTreeMap<i32, Vec<&ReadRecord>> = BTreeMap::new();
     for record in records {
         by_partition
             .entry(record.partition)
@@ -167,28 +118,14 @@ fn recount(records: &[Record], truth: &GroundTruth) -> Recount {
     result
 }
 
-fn truth_sums(truth: &GroundTruth) -> BTreeMap<Key, Sums> {
+fn truth_sums(truth: &GroundTruth) -> BTreeMap<DimsKey, Sums> {
     truth
         .windows
         .iter()
         .map(|window| {
-            let mut sums = Sums::default();
-            for pane in [&window.on_time, &window.correction] {
-                sums.events += pane.events;
-                sums.input += pane.input_tokens;
-                sums.cached_input += pane.cached_input_tokens;
-                sums.output += pane.output_tokens;
-                sums.reasoning += pane.reasoning_tokens;
-            }
-            let key = (
-                window.window_start_ms,
-                window.tenant_id.clone(),
-                window.model.clone(),
-                window.cloud.clone(),
-                window.channel_partner.clone(),
-                window.region.clone(),
-            );
-            (key, sums)
+            let mut sums = Sums::of_truth(&window.on_time);
+            sums.add(Sums::of_truth(&window.correction));
+            (truth_dims_key(window), sums)
         })
         .collect()
 }
@@ -229,7 +166,7 @@ fn produced_topic_matches_the_ground_truth() {
             && truth.rejected > 0
     );
 
-    let records = read_all(&topics.usage_events, truth.produced);
+    let records = read_all(&topics.usage_events);
     assert_eq!(
         records.len() as u64,
         truth.produced,

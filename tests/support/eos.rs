@@ -17,14 +17,16 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tally_aggregator::Checkpoint;
+use tally_core::aggregate::BillingAggregate;
 use tally_core::codec::{decode_aggregate, encode_tick};
 use tally_core::event::{TickOrigin, UsageTick};
 use tally_core::partition::PartitionCounters;
+use tally_producer::generator::{TokenSums, WindowTruth};
 use tally_producer::{Generator, GeneratorConfig, GroundTruth};
 
 use super::{TestTopics, bootstrap, rand_name};
@@ -162,9 +164,47 @@ impl GeneratedInput {
 /// records into it; with `end_tick`, then a gateway tick 24 h past the last send time
 /// to every partition, so every window and correction pane closes at a fixed offset.
 pub fn produce_generated(topic: &str, config: GeneratorConfig, end_tick: bool) -> GeneratedInput {
+    produce_generated_with(topic, config, end_tick, ProducerTuning::DEFAULT)
+}
+
+/// [`produce_generated`] with explicit producer settings.
+pub fn produce_generated_with(
+    topic: &str,
+    config: GeneratorConfig,
+    end_tick: bool,
+    tuning: ProducerTuning,
+) -> GeneratedInput {
     let partitions = i32::try_from(config.partitions).expect("small partition count");
     create_topics(&bootstrap(), &[topic], partitions);
-    produce_into(topic, config, end_tick, None)
+    produce_into(topic, config, end_tick, None, tuning)
+}
+
+/// Producer settings for generated input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerTuning {
+    /// `batch.num.messages` (with room for 500 000 queued messages); `None` keeps
+    /// librdkafka's defaults.
+    pub batch_messages: Option<u32>,
+    /// Bound of the final flush.
+    pub flush_timeout: Duration,
+}
+
+impl ProducerTuning {
+    /// librdkafka's batching, a 60 s flush.
+    pub const DEFAULT: ProducerTuning = ProducerTuning {
+        batch_messages: None,
+        flush_timeout: Duration::from_secs(60),
+    };
+
+    /// Record batches of at most `batch_messages` records and a 120 s flush. A
+    /// consumer's `max.partition.fetch.bytes` cannot split a batch, so small batches are
+    /// what lets small fetches slow a consumer down.
+    pub fn batches(batch_messages: u32) -> ProducerTuning {
+        ProducerTuning {
+            batch_messages: Some(batch_messages),
+            flush_timeout: Duration::from_secs(120),
+        }
+    }
 }
 
 /// Input produced on a thread at a bounded rate while aggregators run: a live stream.
@@ -194,8 +234,15 @@ impl PacedInput {
         create_topics(&bootstrap, &[topic], partitions);
         let count = config.count;
         let name = topic.to_owned();
-        let handle =
-            thread::spawn(move || produce_into(&name, config, end_tick, Some(records_per_sec)));
+        let handle = thread::spawn(move || {
+            produce_into(
+                &name,
+                config,
+                end_tick,
+                Some(records_per_sec),
+                ProducerTuning::DEFAULT,
+            )
+        });
         PacedInput {
             bootstrap,
             topic: topic.to_owned(),
@@ -233,15 +280,21 @@ fn produce_into(
     config: GeneratorConfig,
     end_tick: bool,
     records_per_sec: Option<u64>,
+    tuning: ProducerTuning,
 ) -> GeneratedInput {
     let bootstrap = bootstrap();
     let partitions = i32::try_from(config.partitions).expect("small partition count");
     let mut generator = Generator::new(config).expect("valid generator config");
-    let producer: BaseProducer = kafka_client(&bootstrap)
+    let mut producer_config = kafka_client(&bootstrap);
+    producer_config
         .set("enable.idempotence", "true")
-        .set("linger.ms", "20")
-        .create()
-        .expect("producer");
+        .set("linger.ms", "20");
+    if let Some(batch_messages) = tuning.batch_messages {
+        producer_config
+            .set("queue.buffering.max.messages", "500000")
+            .set("batch.num.messages", batch_messages.to_string());
+    }
+    let producer: BaseProducer = producer_config.create().expect("producer");
     let send = |record: BaseRecord<'_, [u8], [u8]>| {
         let mut record = record;
         loop {
@@ -298,9 +351,7 @@ fn produce_into(
             );
         }
     }
-    producer
-        .flush(Duration::from_secs(60))
-        .expect("flush input");
+    producer.flush(tuning.flush_timeout).expect("flush input");
     GeneratedInput {
         bootstrap,
         topic: topic.to_owned(),
@@ -321,14 +372,14 @@ pub struct ReadRecord {
     pub headers: BTreeMap<String, String>,
 }
 
-/// Reads every record of `topic` from the beginning to the end of every partition,
-/// `read_committed` or `read_uncommitted`.
-pub fn read_topic(
+/// A group-less consumer of every partition of `topic` from the beginning, reporting
+/// the end of each partition; `read_committed` or `read_uncommitted`.
+pub fn topic_reader(
     bootstrap: &str,
     topic: &str,
     partitions: i32,
     read_committed: bool,
-) -> Vec<ReadRecord> {
+) -> BaseConsumer {
     let consumer: BaseConsumer = kafka_client(bootstrap)
         .set("group.id", rand_name("reader"))
         .set(
@@ -350,34 +401,63 @@ pub fn read_topic(
             .expect("offset");
     }
     consumer.assign(&assignment).expect("assign");
+    consumer
+}
+
+/// A consumed message as a [`ReadRecord`] (header values as lossy UTF-8).
+pub fn to_read_record(message: &BorrowedMessage<'_>) -> ReadRecord {
+    let mut headers = BTreeMap::new();
+    if let Some(list) = message.headers() {
+        for header in list.iter() {
+            headers.insert(
+                header.key.to_owned(),
+                String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+            );
+        }
+    }
+    ReadRecord {
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().unwrap_or_default().to_vec(),
+        timestamp_ms: message.timestamp().to_millis(),
+        headers,
+    }
+}
+
+/// Reads every record of `topic` from the beginning to the end of every partition,
+/// `read_committed` or `read_uncommitted`, within [`READ_TIMEOUT`].
+pub fn read_topic(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    read_committed: bool,
+) -> Vec<ReadRecord> {
+    read_topic_within(bootstrap, topic, partitions, read_committed, READ_TIMEOUT)
+}
+
+/// [`read_topic`] within `timeout`.
+pub fn read_topic_within(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    read_committed: bool,
+    timeout: Duration,
+) -> Vec<ReadRecord> {
+    let consumer = topic_reader(bootstrap, topic, partitions, read_committed);
     let mut at_end = vec![false; usize::try_from(partitions).expect("partitions")];
     let mut records = Vec::new();
     let started = Instant::now();
     while !at_end.iter().all(|done| *done) {
         assert!(
-            started.elapsed() < READ_TIMEOUT,
-            "reading {topic} took longer than {READ_TIMEOUT:?}"
+            started.elapsed() < timeout,
+            "reading {topic} did not reach the end of every partition within {timeout:?} \
+             (at end: {at_end:?}): is a transaction left open?"
         );
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(message)) => {
                 at_end[usize::try_from(message.partition()).expect("partition")] = false;
-                let mut headers = BTreeMap::new();
-                if let Some(list) = message.headers() {
-                    for header in list.iter() {
-                        headers.insert(
-                            header.key.to_owned(),
-                            String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
-                        );
-                    }
-                }
-                records.push(ReadRecord {
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    key: message.key().map(<[u8]>::to_vec),
-                    value: message.payload().unwrap_or_default().to_vec(),
-                    timestamp_ms: message.timestamp().to_millis(),
-                    headers,
-                });
+                records.push(to_read_record(&message));
             }
             Some(Err(KafkaError::PartitionEOF(partition))) => {
                 at_end[usize::try_from(partition).expect("partition")] = true;
@@ -394,12 +474,26 @@ pub fn read_committed(bootstrap: &str, topic: &str, partitions: i32) -> Vec<Read
     read_topic(bootstrap, topic, partitions, true)
 }
 
-fn committed_elements(
+/// Reads every committed record of `topic` within `timeout`.
+pub fn read_committed_within(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+) -> Vec<ReadRecord> {
+    read_topic_within(bootstrap, topic, partitions, true, timeout)
+}
+
+/// The committed offsets of `group` on `topic`, read without joining the group with
+/// read_committed: librdkafka asks the broker for *stable* offsets, so a pending
+/// transactional offset commit makes this wait (the error when it lasts past `timeout`).
+pub fn committed_offsets_within(
     bootstrap: &str,
     group: &str,
     topic: &str,
     partitions: i32,
-) -> TopicPartitionList {
+    timeout: Duration,
+) -> KafkaResult<TopicPartitionList> {
     let consumer: BaseConsumer = kafka_client(bootstrap)
         .set("group.id", group)
         .set("isolation.level", "read_committed")
@@ -410,8 +504,16 @@ fn committed_elements(
     for partition in 0..partitions {
         query.add_partition(topic, partition);
     }
-    consumer
-        .committed_offsets(query, Duration::from_secs(30))
+    consumer.committed_offsets(query, timeout)
+}
+
+fn committed_elements(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> TopicPartitionList {
+    committed_offsets_within(bootstrap, group, topic, partitions, Duration::from_secs(30))
         .expect("committed offsets")
 }
 
@@ -474,24 +576,73 @@ pub fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool)
     }
 }
 
-type DimsKey = (i64, String, String, String, Option<String>, String);
+/// (window start, tenant, model, cloud, channel partner, region).
+pub type DimsKey = (i64, String, String, String, Option<String>, String);
 
+/// The (window, dims) key of an output row.
+pub fn row_dims_key(row: &BillingAggregate) -> DimsKey {
+    (
+        row.window_start_ms,
+        row.dims.tenant_id.clone(),
+        row.dims.model.clone(),
+        row.dims.cloud.as_str().to_owned(),
+        row.dims.channel_partner.clone(),
+        row.dims.region.clone(),
+    )
+}
+
+/// The (window, dims) key of a window of the ground truth.
+pub fn truth_dims_key(window: &WindowTruth) -> DimsKey {
+    (
+        window.window_start_ms,
+        window.tenant_id.clone(),
+        window.model.clone(),
+        window.cloud.clone(),
+        window.channel_partner.clone(),
+        window.region.clone(),
+    )
+}
+
+/// Counted events and token sums.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Sums {
-    events: u64,
-    input: u64,
-    cached_input: u64,
-    output: u64,
-    reasoning: u64,
+pub struct Sums {
+    pub events: u64,
+    pub input: u64,
+    pub cached_input: u64,
+    pub output: u64,
+    pub reasoning: u64,
 }
 
 impl Sums {
-    fn add(&mut self, other: Sums) {
+    /// Adds `other` field by field.
+    pub fn add(&mut self, other: Sums) {
         self.events += other.events;
         self.input += other.input;
         self.cached_input += other.cached_input;
         self.output += other.output;
         self.reasoning += other.reasoning;
+    }
+
+    /// The sums of one pane of the ground truth.
+    pub fn of_truth(sums: &TokenSums) -> Sums {
+        Sums {
+            events: sums.events,
+            input: sums.input_tokens,
+            cached_input: sums.cached_input_tokens,
+            output: sums.output_tokens,
+            reasoning: sums.reasoning_tokens,
+        }
+    }
+
+    /// The sums of one output row.
+    pub fn of_row(row: &BillingAggregate) -> Sums {
+        Sums {
+            events: row.event_count,
+            input: row.tokens.input,
+            cached_input: row.tokens.cached_input,
+            output: row.tokens.output,
+            reasoning: row.tokens.reasoning,
+        }
     }
 }
 
@@ -525,27 +676,13 @@ pub fn verify_against_truth(
             "row key is its id"
         );
         *ids.entry(row.id.clone()).or_insert(0) += 1;
-        let key = (
-            row.window_start_ms,
-            row.dims.tenant_id.clone(),
-            row.dims.model.clone(),
-            row.dims.cloud.as_str().to_owned(),
-            row.dims.channel_partner.clone(),
-            row.dims.region.clone(),
-        );
-        let entry = per_key.entry(key).or_default();
+        let entry = per_key.entry(row_dims_key(&row)).or_default();
         let sums = if row.correction_seq == 0 {
             &mut entry.0
         } else {
             &mut entry.1
         };
-        sums.add(Sums {
-            events: row.event_count,
-            input: row.tokens.input,
-            cached_input: row.tokens.cached_input,
-            output: row.tokens.output,
-            reasoning: row.tokens.reasoning,
-        });
+        sums.add(Sums::of_row(&row));
     }
     let duplicated: Vec<_> = ids.iter().filter(|(_, count)| **count > 1).collect();
     assert!(
@@ -555,22 +692,13 @@ pub fn verify_against_truth(
 
     let mut expected: BTreeMap<DimsKey, (Sums, Sums)> = BTreeMap::new();
     for window in &truth.windows {
-        let key = (
-            window.window_start_ms,
-            window.tenant_id.clone(),
-            window.model.clone(),
-            window.cloud.clone(),
-            window.channel_partner.clone(),
-            window.region.clone(),
+        expected.insert(
+            truth_dims_key(window),
+            (
+                Sums::of_truth(&window.on_time),
+                Sums::of_truth(&window.correction),
+            ),
         );
-        let convert = |sums: &tally_producer::generator::TokenSums| Sums {
-            events: sums.events,
-            input: sums.input_tokens,
-            cached_input: sums.cached_input_tokens,
-            output: sums.output_tokens,
-            reasoning: sums.reasoning_tokens,
-        };
-        expected.insert(key, (convert(&window.on_time), convert(&window.correction)));
     }
     let total = |map: &BTreeMap<DimsKey, (Sums, Sums)>, pick: fn(&(Sums, Sums)) -> Sums| {
         map.values()
@@ -685,13 +813,7 @@ pub fn verify_against_truth(
             counters.ticks >= 1,
             "a tick was read on partition {partition}"
         );
-        sum.consumed += counters.consumed;
-        sum.counted += counters.counted;
-        sum.corrections += counters.corrections;
-        sum.duplicates += counters.duplicates;
-        sum.conflicting_duplicates += counters.conflicting_duplicates;
-        sum.too_late += counters.too_late;
-        sum.rejected += counters.rejected;
+        add_counters(&mut sum, &counters);
     }
     assert_eq!(sum.consumed, truth.produced);
     assert_eq!(sum.counted, truth.counted);
@@ -707,6 +829,18 @@ pub fn verify_against_truth(
         .collect();
     multiset.sort();
     multiset
+}
+
+/// Adds every counter of `counters` to `sum`.
+pub fn add_counters(sum: &mut PartitionCounters, counters: &PartitionCounters) {
+    sum.consumed += counters.consumed;
+    sum.counted += counters.counted;
+    sum.corrections += counters.corrections;
+    sum.duplicates += counters.duplicates;
+    sum.conflicting_duplicates += counters.conflicting_duplicates;
+    sum.too_late += counters.too_late;
+    sum.rejected += counters.rejected;
+    sum.ticks += counters.ticks;
 }
 
 /// The DLQ reasons the truth's rejected records must carry, with their counts.
@@ -769,10 +903,18 @@ impl ChildConfig {
         self
     }
 
+    /// Adds librdkafka settings (`kafka.client`).
+    pub fn with_client(mut self, entries: &[(&str, &str)]) -> ChildConfig {
+        for (key, value) in entries {
+            self.client.insert((*key).to_owned(), (*value).to_owned());
+        }
+        self
+    }
+
     /// Writes the config file `dir/<name>.toml`.
     pub fn write(&self, dir: &Path, name: &str, topics: &TestTopics, partitions: i32) -> PathBuf {
         let path = dir.join(format!("{name}.toml"));
-        let contracts = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/contracts/default.toml");
+        let contracts = super::default_contracts_path();
         let client: String = self
             .client
             .iter()
@@ -832,6 +974,16 @@ listen = "{listen}"
     }
 }
 
+/// How a `tally aggregate` child process logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildLog<'a> {
+    /// Text lines (`NO_COLOR`) with this `RUST_LOG` filter, into a new file.
+    Text { filter: &'a str },
+    /// JSON lines (`TALLY_LOG_FORMAT=json`, `RUST_LOG=info`) appended to the file, so
+    /// the restarts of one deployment share one log.
+    JsonAppend,
+}
+
 /// A `tally aggregate` child process; killed (SIGKILL) when dropped while running, so
 /// a failing test leaves no process behind.
 #[derive(Debug)]
@@ -871,25 +1023,59 @@ impl AggregatorProcess {
         extra: &[&str],
         log_filter: &str,
     ) -> AggregatorProcess {
-        let log_path = log_dir.join(format!("{log_name}.log"));
-        let log = File::create(&log_path).expect("create log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        AggregatorProcess::start(
+            config,
+            instance_id,
+            extra,
+            &log_dir.join(format!("{log_name}.log")),
+            ChildLog::Text { filter: log_filter },
+        )
+    }
+
+    /// Starts `tally aggregate --config <config> --instance-id <instance_id>
+    /// --start-from earliest <extra>`; stdout and stderr go to `log_path` as `log` says.
+    pub fn start(
+        config: &Path,
+        instance_id: &str,
+        extra: &[&str],
+        log_path: &Path,
+        log: ChildLog<'_>,
+    ) -> AggregatorProcess {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+        command
             .arg("aggregate")
             .arg("--config")
             .arg(config)
             .args(["--instance-id", instance_id, "--start-from", "earliest"])
-            .args(extra)
-            .env("RUST_LOG", log_filter)
-            .env("NO_COLOR", "1")
-            .env_remove("TALLY_LOG_FORMAT")
+            .args(extra);
+        let file = match log {
+            ChildLog::Text { filter } => {
+                command
+                    .env("RUST_LOG", filter)
+                    .env("NO_COLOR", "1")
+                    .env_remove("TALLY_LOG_FORMAT");
+                File::create(log_path).expect("create log file")
+            }
+            ChildLog::JsonAppend => {
+                command
+                    .env("TALLY_LOG_FORMAT", "json")
+                    .env("RUST_LOG", "info");
+                File::options()
+                    .create(true)
+                    .append(true)
+                    .open(log_path)
+                    .expect("open log")
+            }
+        };
+        let child = command
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log handle"))
-            .stderr(log)
+            .stdout(file.try_clone().expect("log handle"))
+            .stderr(file)
             .spawn()
             .expect("spawn tally aggregate");
         AggregatorProcess {
             instance_id: instance_id.to_owned(),
-            log_path,
+            log_path: log_path.to_owned(),
             child,
             status: None,
         }
@@ -967,9 +1153,7 @@ impl AggregatorProcess {
 
     /// The last `lines` lines of the log.
     pub fn log_tail(&self, lines: usize) -> String {
-        let log = self.log();
-        let all: Vec<&str> = log.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        log_tail(&self.log_path, lines)
     }
 }
 
@@ -984,6 +1168,13 @@ impl Drop for AggregatorProcess {
             self.kill();
         }
     }
+}
+
+/// The last `lines` lines of the log file `log`, for failure messages.
+pub fn log_tail(log: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// A free loopback port (bound, then released).

@@ -1,356 +1,87 @@
 //! Helpers for crash tests that run the real `tally aggregate` binary as child processes
-//! against a real broker and kill it: input generation with a ground truth, config
-//! files, a process guard that never leaves a child behind, read_committed readers,
-//! transaction-state probes, and the full check of a run against the ground truth
-//! (row sums, row amounts recomputed from the contracts, side topics, checkpoints).
+//! against a real broker and kill it. The shared pieces (topics, generated input with
+//! its ground truth, config files, the process guard, read_committed readers) live in
+//! [`super::eos`]; this module adds what is specific to kills: the event-time
+//! parameters and partition count of every kill test, JSON log probes, offset and
+//! transaction-state probes, a concurrent reader, and the mismatch-collecting check of
+//! a run against the ground truth (row sums, row amounts recomputed from the
+//! contracts, side topics, checkpoints).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use tally_aggregator::Checkpoint;
 use tally_core::aggregate::{BillingAggregate, RowKind};
-use tally_core::codec::{decode_aggregate, encode_tick};
+use tally_core::codec::decode_aggregate;
 use tally_core::contracts::Contracts;
-use tally_core::event::{TickOrigin, UsageTick};
 use tally_core::money::round_half_even;
 use tally_core::partition::PartitionCounters;
 use tally_core::window::WindowSize;
-use tally_producer::generator::TokenSums;
-use tally_producer::{Generator, GeneratorConfig, GroundTruth};
+use tally_producer::GroundTruth;
 
 use super::TestTopics;
+use super::eos::{
+    DimsKey, EventTime, ProducerTuning, ReadRecord, Sums, add_counters, committed_offsets_within,
+    kafka_client, produce_generated_with, read_committed, row_dims_key, to_read_record,
+    topic_reader, truth_dims_key,
+};
 
 /// Partitions of every topic of a kill test.
 pub const PARTITIONS: i32 = 4;
 /// Event-time parameters shared by the generator and the aggregator config.
-pub const WINDOW_MS: i64 = 10_000;
-/// Allowed out-of-orderness, ms.
-pub const MAX_OUT_OF_ORDERNESS_MS: i64 = 2_000;
-/// Allowed lateness, ms.
-pub const ALLOWED_LATENESS_MS: i64 = 5_000;
-/// Correction horizon, ms.
-pub const CORRECTION_HORIZON_MS: i64 = 40_000;
-/// `transaction.timeout.ms` of the aggregator under test.
-pub const TRANSACTION_TIMEOUT_MS: i64 = 10_000;
-/// `session.timeout.ms` of the aggregator under test (the broker's minimum).
-pub const SESSION_TIMEOUT_MS: i64 = 6_000;
-
-/// The contracts file the aggregator runs with.
-pub fn contracts_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/contracts/default.toml")
-}
+pub const EVENT_TIME: EventTime = EventTime::EOS;
 
 /// The contracts, loaded the way the aggregator loads them.
 pub fn load_contracts() -> Contracts {
-    let text = std::fs::read_to_string(contracts_path()).expect("read contracts");
-    Contracts::load(&text, WindowSize::new(WINDOW_MS).expect("window")).expect("contracts load")
-}
-
-fn client(bootstrap: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", bootstrap);
-    config
-}
-
-/// Creates `names` with [`PARTITIONS`] partitions each.
-pub fn create_topics(bootstrap: &str, names: &[&str]) {
-    let admin: AdminClient<DefaultClientContext> =
-        client(bootstrap).create().expect("admin client");
-    let topics: Vec<NewTopic<'_>> = names
-        .iter()
-        .map(|name| NewTopic::new(name, PARTITIONS, TopicReplication::Fixed(1)))
-        .collect();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let results = runtime
-        .block_on(admin.create_topics(
-            &topics,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        ))
-        .expect("create topics");
-    for result in results {
-        result.expect("topic created");
-    }
-}
-
-/// Creates the three output topics of `topics` (the input is created by [`produce_input`]).
-pub fn create_outputs(bootstrap: &str, topics: &TestTopics) {
-    create_topics(
-        bootstrap,
-        &[&topics.billing_aggregates, &topics.late, &topics.dlq],
-    );
-}
-
-/// Generator parameters matching the aggregator config of [`write_aggregator_config`].
-pub fn generator_config(count: u64, seed: u64) -> GeneratorConfig {
-    GeneratorConfig {
-        seed,
-        count,
-        rate_per_sec: 400,
-        partitions: u32::try_from(PARTITIONS).expect("small"),
-        tenants: 60,
-        window_ms: WINDOW_MS,
-        max_out_of_orderness_ms: MAX_OUT_OF_ORDERNESS_MS,
-        allowed_lateness_ms: ALLOWED_LATENESS_MS,
-        correction_horizon_ms: CORRECTION_HORIZON_MS,
-        ..GeneratorConfig::default()
-    }
+    let text = std::fs::read_to_string(super::default_contracts_path()).expect("read contracts");
+    Contracts::load(
+        &text,
+        WindowSize::new(EVENT_TIME.window_ms).expect("window"),
+    )
+    .expect("contracts load")
 }
 
 /// Creates `topic` and preloads it with `count` generated records (every class) and,
 /// last on every partition, a gateway tick a day after the last send time, so every
 /// window and correction pane closes at a fixed input offset. Record batches hold at
-/// most `batch_messages` records: a consumer's `max.partition.fetch.bytes` cannot split a
-/// batch, so small batches are what lets small fetches slow a consumer down. Returns the
-/// ground truth.
-pub fn produce_input(
-    bootstrap: &str,
-    topic: &str,
-    count: u64,
-    seed: u64,
-    batch_messages: u32,
-) -> GroundTruth {
-    create_topics(bootstrap, &[topic]);
-    let mut generator =
-        Generator::new(generator_config(count, seed)).expect("valid generator config");
-    let producer: BaseProducer = client(bootstrap)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "20")
-        .set("queue.buffering.max.messages", "500000")
-        .set("batch.num.messages", batch_messages.to_string())
-        .create()
-        .expect("producer");
-    let send = |record: BaseRecord<'_, [u8], [u8]>| {
-        let mut record = record;
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(_), returned)) => {
-                    record = returned;
-                    producer.poll(Duration::from_millis(20));
-                }
-                Err((error, _)) => panic!("produce failed: {error}"),
-            }
-        }
-        producer.poll(Duration::ZERO);
-    };
-    while let Some(record) = generator.next_record() {
-        let partition = i32::try_from(record.partition).expect("small");
-        let mut out = BaseRecord::<[u8], [u8]>::to(topic)
-            .partition(partition)
-            .payload(&record.value)
-            .timestamp(record.timestamp_ms);
-        if let Some(key) = record.key.as_deref() {
-            out = out.key(key);
-        }
-        send(out);
-    }
-    let truth = generator.truth();
-    assert!(truth.is_conserved());
-    let last_send = truth.last_send_time_ms.expect("records were produced");
-    let mut tick = Vec::new();
-    encode_tick(
-        &UsageTick {
-            tick_time_ms: last_send + 24 * 3_600_000,
-            origin: TickOrigin::Gateway,
-        },
-        &mut tick,
-    );
-    for partition in 0..PARTITIONS {
-        send(
-            BaseRecord::<[u8], [u8]>::to(topic)
-                .partition(partition)
-                .payload(&tick),
-        );
-    }
-    producer
-        .flush(Duration::from_secs(120))
-        .expect("flush input");
-    truth
+/// most `batch_messages` records (see [`ProducerTuning::batches`]). Returns the ground
+/// truth.
+pub fn produce_input(topic: &str, count: u64, seed: u64, batch_messages: u32) -> GroundTruth {
+    produce_generated_with(
+        topic,
+        EVENT_TIME.generator(count, seed, PARTITIONS),
+        true,
+        ProducerTuning::batches(batch_messages),
+    )
+    .truth
 }
 
-/// Writes the aggregator's config file: the test's topics and group, the event-time
-/// parameters of [`generator_config`], `transaction_timeout_ms` =
-/// [`TRANSACTION_TIMEOUT_MS`] and `session.timeout.ms` = [`SESSION_TIMEOUT_MS`] (passed
-/// to librdkafka through `[kafka.client]`), plus `client` entries.
-pub fn write_aggregator_config(
-    dir: &Path,
-    topics: &TestTopics,
-    group: &str,
-    client: &[(&str, &str)],
-) -> PathBuf {
-    let path = dir.join(format!("{group}.toml"));
-    let mut client_lines = format!(
-        "\"session.timeout.ms\" = \"{SESSION_TIMEOUT_MS}\"\n\"heartbeat.interval.ms\" = \"1000\"\n"
-    );
-    for (key, value) in client {
-        client_lines.push_str(&format!("\"{key}\" = \"{value}\"\n"));
-    }
-    let body = format!(
-        r#"[kafka]
-bootstrap_servers = "{bootstrap}"
-
-[kafka.client]
-{client_lines}
-[topics]
-usage_events = "{events}"
-billing_aggregates = "{aggregates}"
-late = "{late}"
-dlq = "{dlq}"
-partitions = {PARTITIONS}
-output_partitions = {PARTITIONS}
-replication_factor = 1
-
-[aggregator]
-group_id = "{group}"
-window_ms = {WINDOW_MS}
-max_out_of_orderness_ms = {MAX_OUT_OF_ORDERNESS_MS}
-allowed_lateness_ms = {ALLOWED_LATENESS_MS}
-correction_horizon_ms = {CORRECTION_HORIZON_MS}
-dedupe_horizon_ms = {dedupe}
-idle_timeout_ms = 500
-commit_interval_ms = 200
-transaction_timeout_ms = {TRANSACTION_TIMEOUT_MS}
-contracts_path = "{contracts}"
-
-[metrics]
-listen = ""
-"#,
-        bootstrap = super::bootstrap(),
-        events = topics.usage_events,
-        aggregates = topics.billing_aggregates,
-        late = topics.late,
-        dlq = topics.dlq,
-        dedupe = ALLOWED_LATENESS_MS + CORRECTION_HORIZON_MS + WINDOW_MS,
-        contracts = contracts_path().display(),
-    );
-    std::fs::write(&path, body).expect("write config");
-    path
-}
-
-/// A running `tally aggregate` child process. Dropping it SIGKILLs the child, so a
-/// failing test never leaves one behind.
-pub struct AggregatorProcess {
-    child: Option<Child>,
-    /// Where its stdout and stderr (JSON log lines) go.
-    pub log: PathBuf,
-}
-
-impl AggregatorProcess {
-    /// Starts `tally aggregate --config <config> --instance-id <instance_id> <extra>`,
-    /// logging JSON lines to `log` (appended).
-    pub fn spawn(config: &Path, instance_id: &str, extra: &[String], log: &Path) -> Self {
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("open log");
-        let err = out.try_clone().expect("clone log handle");
-        let child = Command::new(env!("CARGO_BIN_EXE_tally"))
-            .arg("aggregate")
-            .arg("--config")
-            .arg(config)
-            .arg("--instance-id")
-            .arg(instance_id)
-            .args(extra)
-            .env("TALLY_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("spawn tally aggregate");
-        AggregatorProcess {
-            child: Some(child),
-            log: log.to_owned(),
-        }
-    }
-
-    /// The child's pid.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("child").id()
-    }
-
-    /// SIGKILL (`Child::kill`) and reap. Returns whether the child was still running.
-    pub fn sigkill(&mut self) -> bool {
-        let mut child = self.child.take().expect("child");
-        let running = child.try_wait().expect("try_wait").is_none();
-        let _ = child.kill();
-        child.wait().expect("reap killed child");
-        running
-    }
-
-    /// Sends SIGTERM with `kill -TERM <pid>`.
-    pub fn sigterm(&self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed: {status}");
-    }
-
-    /// The exit status if the child has exited.
-    pub fn try_exit(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .expect("child")
-            .try_wait()
-            .expect("try_wait")
-    }
-
-    /// Waits for the child to exit, at most `timeout`; `None` if it is still running.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_exit() {
-                self.child = None;
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for AggregatorProcess {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Records re-read to restore state, summed over the "partition state restored" log
-/// lines of `log`.
-pub fn restored_records_in_log(log: &Path) -> u64 {
+/// The JSON log lines of `log` (none if there is no log yet).
+fn json_log_entries(log: &Path) -> Vec<serde_json::Value> {
     let Ok(file) = File::open(log) else {
-        return 0;
+        return Vec::new();
     };
     BufReader::new(file)
         .lines()
         .map_while(Result::ok)
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+        .collect()
+}
+
+/// Records re-read to restore state, summed over the "partition state restored" log
+/// lines of `log`.
+pub fn restored_records_in_log(log: &Path) -> u64 {
+    json_log_entries(log)
+        .iter()
         .filter(|entry| {
             entry["fields"]["message"].as_str() == Some("partition state restored from the input")
         })
@@ -360,22 +91,10 @@ pub fn restored_records_in_log(log: &Path) -> u64 {
 
 /// How many log lines of `log` carry the message `message`.
 pub fn count_log_messages(log: &Path, message: &str) -> usize {
-    let Ok(file) = File::open(log) else {
-        return 0;
-    };
-    BufReader::new(file)
-        .lines()
-        .map_while(Result::ok)
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+    json_log_entries(log)
+        .iter()
         .filter(|entry| entry["fields"]["message"].as_str() == Some(message))
         .count()
-}
-
-/// The last lines of a log, for failure messages.
-pub fn log_tail(log: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Reads committed offsets of a group without joining it.
@@ -390,7 +109,7 @@ impl OffsetProbe {
     /// offsets at once, instead of waiting for a pending transactional offset commit
     /// (which after a SIGKILL lasts until the transaction times out or is fenced).
     pub fn new(bootstrap: &str, group: &str, topic: &str) -> OffsetProbe {
-        let consumer: BaseConsumer = client(bootstrap)
+        let consumer: BaseConsumer = kafka_client(bootstrap)
             .set("group.id", group)
             .set("isolation.level", "read_uncommitted")
             .set("enable.auto.commit", "false")
@@ -457,17 +176,7 @@ pub fn stable_committed(
     topic: &str,
     timeout: Duration,
 ) -> Result<BTreeMap<i32, Option<i64>>, KafkaError> {
-    let consumer: BaseConsumer = client(bootstrap)
-        .set("group.id", group)
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("stable offset reader");
-    let mut query = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        query.add_partition(topic, partition);
-    }
-    let committed = consumer.committed_offsets(query, timeout)?;
+    let committed = committed_offsets_within(bootstrap, group, topic, PARTITIONS, timeout)?;
     Ok(committed
         .elements()
         .iter()
@@ -492,7 +201,7 @@ impl TransactionProbe {
     /// Two group-less clients, one per isolation level.
     pub fn new(bootstrap: &str) -> TransactionProbe {
         let make = |isolation: &str| -> BaseConsumer {
-            client(bootstrap)
+            kafka_client(bootstrap)
                 .set("group.id", super::rand_name("kill-probe"))
                 .set("isolation.level", isolation)
                 .set("enable.auto.commit", "false")
@@ -528,90 +237,10 @@ impl TransactionProbe {
     }
 }
 
-/// One record of an output topic.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct OutputRecord {
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
-    pub headers: BTreeMap<String, String>,
-}
-
-fn to_output(message: &rdkafka::message::BorrowedMessage<'_>) -> OutputRecord {
-    let headers = message
-        .headers()
-        .map(|headers| {
-            headers
-                .iter()
-                .map(|header| {
-                    let value = header
-                        .value
-                        .map(|bytes| String::from_utf8_lossy(bytes).into_owned());
-                    (header.key.to_owned(), value.unwrap_or_default())
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    OutputRecord {
-        partition: message.partition(),
-        offset: message.offset(),
-        key: message.key().map(<[u8]>::to_vec),
-        value: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-        headers,
-    }
-}
-
-fn committed_reader(bootstrap: &str, topic: &str) -> BaseConsumer {
-    let consumer: BaseConsumer = client(bootstrap)
-        .set("group.id", super::rand_name("kill-reader"))
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .create()
-        .expect("reader");
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..PARTITIONS {
-        assignment
-            .add_partition_offset(topic, partition, Offset::Beginning)
-            .expect("offset");
-    }
-    consumer.assign(&assignment).expect("assign");
-    consumer
-}
-
-/// Reads every committed record of `topic` (read_committed, to the end of every
-/// partition), within `timeout`.
-pub fn read_committed(bootstrap: &str, topic: &str, timeout: Duration) -> Vec<OutputRecord> {
-    let consumer = committed_reader(bootstrap, topic);
-    let mut at_end = [false; PARTITIONS as usize];
-    let mut records = Vec::new();
-    let started = Instant::now();
-    while !at_end.iter().all(|end| *end) {
-        assert!(
-            started.elapsed() < timeout,
-            "reading {topic} did not reach the end of every partition within {timeout:?} \
-             (at end: {at_end:?}): is a transaction left open?"
-        );
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(message)) => {
-                at_end[usize::try_from(message.partition()).expect("partition")] = false;
-                records.push(to_output(&message));
-            }
-            Some(Err(KafkaError::PartitionEOF(partition))) => {
-                at_end[usize::try_from(partition).expect("partition")] = true;
-            }
-            Some(Err(error)) => panic!("reading {topic}: {error}"),
-            None => {}
-        }
-    }
-    records
-}
-
 /// A read_committed reader of one topic running on its own thread until stopped.
 pub struct ConcurrentReader {
     stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<Vec<OutputRecord>>>,
+    handle: Option<JoinHandle<Vec<ReadRecord>>>,
 }
 
 impl ConcurrentReader {
@@ -622,11 +251,11 @@ impl ConcurrentReader {
         let bootstrap = bootstrap.to_owned();
         let topic = topic.to_owned();
         let handle = thread::spawn(move || {
-            let consumer = committed_reader(&bootstrap, &topic);
+            let consumer = topic_reader(&bootstrap, &topic, PARTITIONS, true);
             let mut records = Vec::new();
             while !flag.load(Ordering::SeqCst) {
                 match consumer.poll(Duration::from_millis(100)) {
-                    Some(Ok(message)) => records.push(to_output(&message)),
+                    Some(Ok(message)) => records.push(to_read_record(&message)),
                     Some(Err(KafkaError::PartitionEOF(_))) | None => {}
                     Some(Err(error)) => panic!("concurrent reader of {topic}: {error}"),
                 }
@@ -640,7 +269,7 @@ impl ConcurrentReader {
     }
 
     /// Stops the reader and returns everything it saw.
-    pub fn finish(mut self) -> Vec<OutputRecord> {
+    pub fn finish(mut self) -> Vec<ReadRecord> {
         self.stop.store(true, Ordering::SeqCst);
         self.handle
             .take()
@@ -653,49 +282,6 @@ impl ConcurrentReader {
 impl Drop for ConcurrentReader {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-/// (window start, tenant, model, cloud, channel partner, region).
-pub type DimsKey = (i64, String, String, String, Option<String>, String);
-
-/// Counted events and token sums.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Sums {
-    pub events: u64,
-    pub input: u64,
-    pub cached_input: u64,
-    pub output: u64,
-    pub reasoning: u64,
-}
-
-impl Sums {
-    fn add(&mut self, other: &Sums) {
-        self.events += other.events;
-        self.input += other.input;
-        self.cached_input += other.cached_input;
-        self.output += other.output;
-        self.reasoning += other.reasoning;
-    }
-
-    fn of_truth(sums: &TokenSums) -> Sums {
-        Sums {
-            events: sums.events,
-            input: sums.input_tokens,
-            cached_input: sums.cached_input_tokens,
-            output: sums.output_tokens,
-            reasoning: sums.reasoning_tokens,
-        }
-    }
-
-    fn of_row(row: &BillingAggregate) -> Sums {
-        Sums {
-            events: row.event_count,
-            input: row.tokens.input,
-            cached_input: row.tokens.cached_input,
-            output: row.tokens.output,
-            reasoning: row.tokens.reasoning,
-        }
     }
 }
 
@@ -789,17 +375,6 @@ pub fn check_row_amounts(row: &BillingAggregate, contracts: &Contracts) -> Optio
     None
 }
 
-fn dims_key(window_start_ms: i64, row: &BillingAggregate) -> DimsKey {
-    (
-        window_start_ms,
-        row.dims.tenant_id.clone(),
-        row.dims.model.clone(),
-        row.dims.cloud.as_str().to_owned(),
-        row.dims.channel_partner.clone(),
-        row.dims.region.clone(),
-    )
-}
-
 /// Checks a finished run's outputs against the ground truth; every discrepancy becomes
 /// one entry of `mismatches` (the caller asserts it is empty and reports the figures).
 ///
@@ -818,9 +393,7 @@ pub fn verify_against_truth(
 ) -> Verification {
     let mut result = Verification::default();
     let mismatches = &mut result.mismatches;
-    let timeout = Duration::from_secs(120);
-
-    let rows = read_committed(bootstrap, &topics.billing_aggregates, timeout);
+    let rows = read_committed(bootstrap, &topics.billing_aggregates, PARTITIONS);
     result.rows = rows.len();
     let mut ids: BTreeMap<String, u32> = BTreeMap::new();
     let mut per_key: BTreeMap<DimsKey, Sums> = BTreeMap::new();
@@ -846,15 +419,15 @@ pub fn verify_against_truth(
         if row.gross_micros != 0 {
             result.priced_rows += 1;
         }
-        let key = dims_key(row.window_start_ms, &row);
+        let key = row_dims_key(&row);
         per_key
             .entry(key.clone())
             .or_default()
-            .add(&Sums::of_row(&row));
+            .add(Sums::of_row(&row));
         per_key_kind
             .entry((key, row.row_kind))
             .or_default()
-            .add(&Sums::of_row(&row));
+            .add(Sums::of_row(&row));
     }
     for (id, count) in &ids {
         if *count > 1 {
@@ -872,16 +445,9 @@ pub fn verify_against_truth(
     let mut expected: BTreeMap<DimsKey, Sums> = BTreeMap::new();
     let mut expected_kind: BTreeMap<(DimsKey, RowKind), Sums> = BTreeMap::new();
     for window in &truth.windows {
-        let key = (
-            window.window_start_ms,
-            window.tenant_id.clone(),
-            window.model.clone(),
-            window.cloud.clone(),
-            window.channel_partner.clone(),
-            window.region.clone(),
-        );
+        let key = truth_dims_key(window);
         let mut sums = Sums::of_truth(&window.on_time);
-        sums.add(&Sums::of_truth(&window.correction));
+        sums.add(Sums::of_truth(&window.correction));
         if sums.events > 0 {
             expected.insert(key.clone(), sums);
         }
@@ -892,12 +458,12 @@ pub fn verify_against_truth(
                 RowKind::NonBillable
             };
             let mut status_sums = Sums::of_truth(&panes.on_time);
-            status_sums.add(&Sums::of_truth(&panes.correction));
+            status_sums.add(Sums::of_truth(&panes.correction));
             if status_sums.events > 0 {
                 expected_kind
                     .entry((key.clone(), kind))
                     .or_default()
-                    .add(&status_sums);
+                    .add(status_sums);
             }
         }
     }
@@ -913,7 +479,7 @@ pub fn verify_against_truth(
         ("usage.late", &topics.late, truth.too_late, Some("too_late")),
         ("usage.dlq", &topics.dlq, truth.rejected, None),
     ] {
-        let records = read_committed(bootstrap, topic, timeout);
+        let records = read_committed(bootstrap, topic, PARTITIONS);
         if records.len() as u64 != expected_count {
             mismatches.push(format!(
                 "{name}: {} records, the truth has {expected_count}",
@@ -996,14 +562,7 @@ pub fn verify_against_truth(
         if counters.ticks == 0 {
             mismatches.push(format!("partition {partition} never read the gateway tick"));
         }
-        sum.consumed += counters.consumed;
-        sum.counted += counters.counted;
-        sum.corrections += counters.corrections;
-        sum.duplicates += counters.duplicates;
-        sum.conflicting_duplicates += counters.conflicting_duplicates;
-        sum.too_late += counters.too_late;
-        sum.rejected += counters.rejected;
-        sum.ticks += counters.ticks;
+        add_counters(&mut sum, &counters);
     }
     let got = (
         sum.consumed,

@@ -46,10 +46,15 @@ impl TestTopics {
     }
 }
 
+/// The contracts file the binary runs with in these tests.
+pub fn default_contracts_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/contracts/default.toml")
+}
+
 /// Writes a config file for the binary pointing at the real broker.
 pub fn write_config(dir: &Path, topics: &TestTopics, partitions: i32, extra: &str) -> PathBuf {
     let path = dir.join(format!("tally-{partitions}.toml"));
-    let contracts = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/contracts/default.toml");
+    let contracts = default_contracts_path();
     let body = format!(
         r#"[kafka]
 bootstrap_servers = "{bootstrap}"
