@@ -45,7 +45,10 @@
 //! state is a function of the records up to an offset, the next transaction redoes the
 //! same work. If five transactions in a row abort (no commit in between, i.e. at the same
 //! input offsets) the aggregator stops with an ERROR log and
-//! `tally_aggregator_abort_loops_total` instead of looping.
+//! `tally_aggregator_abort_loops_total` instead of looping. Aborts caused by the group
+//! moving on (unknown member, illegal generation, rebalance in progress, coordinator
+//! changes) do not count: they say nothing about the input, and under churn they would
+//! stop healthy processes.
 //!
 //! **Failures covered.**
 //! - *Crash or SIGKILL mid-transaction*: the open transaction is aborted by the broker
