@@ -387,35 +387,35 @@ fn disables_corrections_when_the_horizon_is_shorter_than_four_windows() {
 }
 
 #[test]
-fn class_shares_follow_the_configured_fractions() {
+fn class_fractions_follow_the_configuration() {
     let config = GeneratorConfig {
         seed: 5,
         count: 100_000,
         ..GeneratorConfig::default()
     };
     let (_, truth) = generate(&config);
-    let share = |count: u64| count as f64 / truth.produced as f64;
+    let fraction_of = |count: u64| count as f64 / truth.produced as f64;
     // Fallbacks to on time happen only while a partition has no history, so every
     // class lands close to its fraction.
     assert!(
-        (share(truth.counted_corrections) - 0.03).abs() < 0.005,
+        (fraction_of(truth.counted_corrections) - 0.03).abs() < 0.005,
         "corrections {}",
-        share(truth.counted_corrections)
+        fraction_of(truth.counted_corrections)
     );
     assert!(
-        (share(truth.too_late) - 0.02).abs() < 0.005,
+        (fraction_of(truth.too_late) - 0.02).abs() < 0.005,
         "too late {}",
-        share(truth.too_late)
+        fraction_of(truth.too_late)
     );
     assert!(
-        (share(truth.duplicates) - 0.03).abs() < 0.005,
+        (fraction_of(truth.duplicates) - 0.03).abs() < 0.005,
         "duplicates {}",
-        share(truth.duplicates)
+        fraction_of(truth.duplicates)
     );
     assert!(
-        (share(truth.rejected) - 0.02).abs() < 0.005,
+        (fraction_of(truth.rejected) - 0.02).abs() < 0.005,
         "rejected {}",
-        share(truth.rejected)
+        fraction_of(truth.rejected)
     );
     for kind in RejectKind::ALL {
         assert!(
