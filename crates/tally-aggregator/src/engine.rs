@@ -781,6 +781,13 @@ impl Engine {
         consumer: &BaseConsumer<AggregatorContext>,
         assignment: &mut TopicPartitionList,
     ) -> Result<(), AggregatorError> {
+        // The stable committed-offset fetch below waits for the previous owner's open
+        // transaction to end, which can take up to its transaction timeout. Our own open
+        // transaction would time out meanwhile and the coordinator's epoch bump would
+        // fence this producer, so commit it first.
+        if self.in_transaction {
+            self.commit(consumer)?;
+        }
         let topic = self.topic().to_owned();
         let mut query = TopicPartitionList::new();
         for element in assignment.elements() {
