@@ -53,6 +53,7 @@ pub(crate) async fn run(config: Config, args: &AggregateArgs) -> anyhow::Result<
         rows_emitted = summary.rows_emitted,
         ticks_written = summary.ticks_written,
         records_restored = summary.records_restored,
+        fatal_restarts = summary.fatal_restarts,
         "aggregator stopped"
     );
     Ok(())

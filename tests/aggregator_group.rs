@@ -1,6 +1,6 @@
 //! The aggregator as a consumer group of real `tally aggregate` processes against a
-//! real Kafka broker: rebalance churn, a fenced zombie, idle-partition ticks, and the
-//! `/metrics` endpoint.
+//! real Kafka broker: rebalance churn, a fenced zombie, a fenced producer restarting in
+//! process, idle-partition ticks, and the `/metrics` endpoint.
 //!
 //! Needs `TALLY_TEST_BOOTSTRAP`. Every test uses its own random topics and groups and
 //! spawns the binary (`CARGO_BIN_EXE_tally`) with distinct instance ids; members
@@ -21,10 +21,11 @@ use tally_core::codec::{Decoded, decode_aggregate, decode_record};
 use tally_core::event::TickOrigin;
 use tally_producer::ClassFractions;
 
+use rdkafka::producer::{BaseProducer, Producer};
 use support::eos::{
     AggregatorProcess, ChildConfig, EventTime, PacedInput, committed_checkpoints, create_outputs,
-    expected_dlq_reasons, free_port, fresh_outputs, input_fully_committed, produce_generated,
-    read_committed, read_topic, verify_against_truth, wait_until,
+    expected_dlq_reasons, free_port, fresh_outputs, input_fully_committed, kafka_client,
+    produce_generated, read_committed, read_topic, verify_against_truth, wait_until,
 };
 use support::prometheus::{Exposition, parse, scrape};
 use support::rand_name;
@@ -299,6 +300,7 @@ fn zombie_is_fenced_and_its_writes_never_become_visible() {
     let fenced_markers = [
         "transaction failed, aborting it",
         "fatal producer error",
+        "fatal kafka error",
         "partitions lost, aborting the open transaction",
     ];
     wait_until(
@@ -371,6 +373,116 @@ fn zombie_is_fenced_and_its_writes_never_become_visible() {
     );
     assert_no_partition_eof_errors(&zombie);
     assert_no_partition_eof_errors(&successor);
+}
+
+/// Another producer initialises the aggregator's transactional id twice while it
+/// works through a live stream: each time its producer is fenced (a fatal error), its
+/// open transaction is aborted by the coordinator, and the process drops producer,
+/// consumer and state and restores from the committed offsets without exiting. The
+/// totals stay exact and `/metrics` counts both restarts.
+#[test]
+fn fenced_producer_restarts_in_process_from_the_committed_state() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let event_time = EventTime::EOS;
+    let stream = PacedInput::start(
+        &rand_name("group-fenced-events"),
+        event_time.generator(60_000, 31, PARTITIONS),
+        true,
+        3_000,
+    );
+    let outputs = fresh_outputs(&stream.topic);
+    create_outputs(&outputs, OUTPUT_PARTITIONS);
+    let group = rand_name("group-fenced");
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut config = ChildConfig::new(&group, event_time, OUTPUT_PARTITIONS).live_stream();
+    config.commit_interval_ms = 1_000;
+    config.metrics_listen = address.clone();
+    let config = config.write(dir.path(), "fenced", &outputs, PARTITIONS);
+    let instance = rand_name("fenced");
+    let mut aggregator = AggregatorProcess::spawn(&config, &instance, dir.path(), "fenced", &[]);
+    let total = stream.total_offsets();
+
+    let restart_marker = "restarting from the committed offsets";
+    for (fencing, progress) in [(1, total / 10), (2, total / 2)] {
+        wait_until(
+            PROGRESS_TIMEOUT,
+            "the aggregator committed part of the input",
+            || {
+                assert!(
+                    aggregator.try_status().is_none(),
+                    "the aggregator exited; log:\n{}",
+                    aggregator.log_tail(40)
+                );
+                stream.committed(&group) >= progress
+            },
+        );
+        let before = stream.committed(&group);
+        // What a second process started with the same instance id does first.
+        let imposter: BaseProducer = kafka_client(&stream.bootstrap)
+            .set("transactional.id", format!("tally-aggregator-{instance}"))
+            .create()
+            .expect("imposter producer");
+        imposter
+            .init_transactions(Duration::from_secs(30))
+            .expect("imposter fences the aggregator");
+        drop(imposter);
+        eprintln!(
+            "fencing {fencing} at {before}/{total} committed ({:?})",
+            started.elapsed()
+        );
+        wait_until(
+            PROGRESS_TIMEOUT,
+            "the aggregator restarted in process and committed again",
+            || {
+                assert!(
+                    aggregator.try_status().is_none(),
+                    "the aggregator exited instead of restarting; log:\n{}",
+                    aggregator.log_tail(40)
+                );
+                count_lines(&aggregator.log(), restart_marker) >= fencing
+                    && stream.committed(&group) > before
+            },
+        );
+    }
+
+    let input = stream.finish();
+    eprintln!("input: {}", input.describe());
+    wait_until(PROGRESS_TIMEOUT, "the whole input is committed", || {
+        assert!(
+            aggregator.try_status().is_none(),
+            "the aggregator exited; log:\n{}",
+            aggregator.log_tail(40)
+        );
+        input_fully_committed(&input, &group)
+    });
+    let exposition = parse(&scrape(&address));
+    assert_eq!(
+        exposition.sum("tally_aggregator_fatal_restarts_total"),
+        Some(2.0),
+        "both fencings restarted the aggregator once"
+    );
+    let status = aggregator.terminate(STOP_TIMEOUT);
+    assert!(
+        status.success(),
+        "exits 0 on SIGTERM ({status}); log:\n{}",
+        aggregator.log_tail(40)
+    );
+    let log = aggregator.log();
+    assert_eq!(count_lines(&log, restart_marker), 2, "two restarts");
+    assert_eq!(
+        count_lines(&log, "aggregator starting"),
+        3,
+        "three incarnations"
+    );
+    assert_eq!(
+        count_lines(&log, "fatal kafka error, dropped the producer"),
+        2,
+        "each fencing was reported once as a fatal error"
+    );
+    verify_against_truth(&input, &outputs, &group, OUTPUT_PARTITIONS);
+    assert_no_partition_eof_errors(&aggregator);
+    eprintln!("done in {:?}", started.elapsed());
 }
 
 /// Windows that close only in event time: 1 s windows, short horizons.

@@ -44,6 +44,11 @@ const MAX_CONSECUTIVE_ABORTS: u32 = 5;
 const COMMIT_RETRIES: u32 = 3;
 /// How long one `poll` waits.
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+/// Fatal errors without a committed transaction in between after which [`run`] stops
+/// instead of restarting.
+pub(crate) const MAX_FATAL_RESTARTS: u32 = 3;
+/// Back-off before the first restart after a fatal error; doubles each time.
+const FATAL_RESTART_BACKOFF: Duration = Duration::from_millis(500);
 /// How often lag and gauges are refreshed.
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
 /// Housekeeping (ticks, commit timer, exit check) at most this often while records flow.
@@ -73,6 +78,32 @@ pub struct RunSummary {
     pub ticks_written: u64,
     /// Records re-read to rebuild state on assignment.
     pub records_restored: u64,
+    /// Restarts from the committed state after a fatal Kafka error.
+    pub fatal_restarts: u64,
+}
+
+impl RunSummary {
+    fn empty() -> RunSummary {
+        RunSummary {
+            exit: ExitReason::Shutdown,
+            transactions_committed: 0,
+            transactions_aborted: 0,
+            rows_emitted: 0,
+            ticks_written: 0,
+            records_restored: 0,
+            fatal_restarts: 0,
+        }
+    }
+
+    /// Adds an incarnation's work.
+    fn add(&mut self, other: &RunSummary) {
+        self.transactions_committed += other.transactions_committed;
+        self.transactions_aborted += other.transactions_aborted;
+        self.rows_emitted += other.rows_emitted;
+        self.ticks_written += other.ticks_written;
+        self.records_restored += other.records_restored;
+        self.fatal_restarts += other.fatal_restarts;
+    }
 }
 
 /// Producer callbacks: counts failed deliveries (an aborted transaction purges its
@@ -127,7 +158,7 @@ pub(crate) fn client_error_level(error: &KafkaError) -> ClientErrorLevel {
         (KafkaError::PartitionEOF(_), _) | (_, Some(RDKafkaErrorCode::PartitionEOF)) => {
             ClientErrorLevel::Routine
         }
-        (_, Some(RDKafkaErrorCode::Fatal)) => ClientErrorLevel::Fatal,
+        (_, Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::Fenced)) => ClientErrorLevel::Fatal,
         _ => ClientErrorLevel::Transient,
     }
 }
@@ -628,7 +659,7 @@ impl Engine {
     ) -> Result<CommitOutcome, AggregatorError> {
         if is_fatal(&error) {
             self.failed = true;
-            error!(error = %error, operation, "fatal producer error, stopping");
+            error!(error = %error, operation, "fatal producer error");
             return Err(AggregatorError::Fatal {
                 operation,
                 source: error,
@@ -1085,11 +1116,106 @@ fn input_partition_count(
 
 /// Runs the aggregator until `shutdown` is raised (or, with `exit_after_idle`, until
 /// every partition settled). Blocking: call it on a dedicated thread.
+///
+/// A fatal Kafka error (the producer fenced by another process with the same
+/// transactional id, a fatal idempotence error) ends one *incarnation*: its producer,
+/// consumer and every partition's state are dropped, and after a back-off a new
+/// incarnation starts from scratch — a new producer (`init_transactions` fences what
+/// is left of the old one), a new group member, and every assigned partition restored
+/// from its committed offset and checkpoint. Nothing the failed incarnation had not
+/// committed is kept. After three fatal errors without a committed
+/// transaction in between, the error is returned instead (e.g. two processes started
+/// with the same `--instance-id` keep fencing each other).
 pub fn run(
     settings: AggregatorSettings,
     shutdown: Arc<AtomicBool>,
 ) -> Result<RunSummary, AggregatorError> {
     settings.validate()?;
+    let mut total = RunSummary::empty();
+    let mut fatal_in_a_row: u32 = 0;
+    loop {
+        let (result, summary) = run_incarnation(settings.clone(), &shutdown);
+        total.add(&summary);
+        let (operation, source) = match result {
+            Ok(exit) => {
+                total.exit = exit;
+                info!(?total, "aggregator stopped");
+                return Ok(total);
+            }
+            Err(AggregatorError::Fatal { operation, source }) => (operation, source),
+            Err(error) => return Err(error),
+        };
+        if summary.transactions_committed > 0 {
+            fatal_in_a_row = 0;
+        }
+        fatal_in_a_row += 1;
+        if fatal_in_a_row > MAX_FATAL_RESTARTS || shutdown.load(Ordering::SeqCst) {
+            error!(
+                error = %source,
+                operation,
+                restarts = fatal_in_a_row - 1,
+                "fatal kafka error, stopping"
+            );
+            return Err(AggregatorError::Fatal { operation, source });
+        }
+        m::count_fatal_restart();
+        total.fatal_restarts += 1;
+        let backoff = FATAL_RESTART_BACKOFF * 2_u32.pow(fatal_in_a_row - 1);
+        error!(
+            error = %source,
+            operation,
+            restart = fatal_in_a_row,
+            backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+            "fatal kafka error, dropped the producer, the consumer and all partition state; \
+             restarting from the committed offsets"
+        );
+        let deadline = Instant::now() + backoff;
+        while Instant::now() < deadline {
+            if shutdown.load(Ordering::SeqCst) {
+                total.exit = ExitReason::Shutdown;
+                info!(?total, "aggregator stopped");
+                return Ok(total);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// One incarnation: a producer, a consumer and the partitions they own, from an empty
+/// state until an exit or an error. Returns what it committed either way.
+fn run_incarnation(
+    settings: AggregatorSettings,
+    shutdown: &AtomicBool,
+) -> (Result<ExitReason, AggregatorError>, RunSummary) {
+    let (consumer, context) = match start_incarnation(settings) {
+        Ok(started) => started,
+        Err(error) => return (Err(error), RunSummary::empty()),
+    };
+    let result = drive(&consumer, &context, shutdown);
+    let result = match result {
+        Ok(exit) => finish(&consumer, &context).map(|()| exit),
+        Err(error) => Err(error),
+    };
+    if result.is_err()
+        && let Ok(mut engine) = context.engine.lock()
+    {
+        engine.failed = true;
+    }
+    // Leaves the group; the revoke callback finds nothing left to commit (or, after
+    // an error, only unassigns).
+    drop(consumer);
+    let summary = match context.engine() {
+        Ok(engine) => engine.summary.clone(),
+        Err(error) => return (Err(error), RunSummary::empty()),
+    };
+    (result, summary)
+}
+
+/// Creates the producer (fencing any earlier producer with the same transactional id)
+/// and the consumer, and subscribes.
+fn start_incarnation(
+    settings: AggregatorSettings,
+) -> Result<(BaseConsumer<AggregatorContext>, Arc<AggregatorContext>), AggregatorError> {
     let producer: BaseProducer<ProducerCallbacks> = producer_config(&settings)
         .create_with_context(ProducerCallbacks {
             failed_deliveries: AtomicU64::new(0),
@@ -1122,14 +1248,7 @@ pub fn run(
         transactions_attempted: 0,
         consecutive_aborts: 0,
         pending: PendingTotals::default(),
-        summary: RunSummary {
-            exit: ExitReason::Shutdown,
-            transactions_committed: 0,
-            transactions_aborted: 0,
-            rows_emitted: 0,
-            ticks_written: 0,
-            records_restored: 0,
-        },
+        summary: RunSummary::empty(),
         failed: false,
         last_commit: now,
         last_gauges: now,
@@ -1152,24 +1271,7 @@ pub fn run(
             operation: "subscribe",
             source,
         })?;
-
-    let result = drive(&consumer, &context, &shutdown);
-    let result = match result {
-        Ok(exit) => finish(&consumer, &context).map(|()| exit),
-        Err(error) => Err(error),
-    };
-    if result.is_err()
-        && let Ok(mut engine) = context.engine.lock()
-    {
-        engine.failed = true;
-    }
-    // Leaves the group; the revoke callback finds nothing left to commit.
-    drop(consumer);
-    let exit = result?;
-    let mut summary = context.engine()?.summary.clone();
-    summary.exit = exit;
-    info!(?summary, "aggregator stopped");
-    Ok(summary)
+    Ok((consumer, context))
 }
 
 /// The final commit before leaving the group.
@@ -1278,6 +1380,10 @@ mod tests {
         );
         assert_eq!(
             client_error_level(&KafkaError::Global(RDKafkaErrorCode::Fatal)),
+            ClientErrorLevel::Fatal
+        );
+        assert_eq!(
+            client_error_level(&KafkaError::Global(RDKafkaErrorCode::Fenced)),
             ClientErrorLevel::Fatal
         );
         assert_eq!(

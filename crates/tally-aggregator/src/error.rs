@@ -45,8 +45,9 @@ pub enum AggregatorError {
         #[source]
         source: KafkaError,
     },
-    /// The producer hit a fatal error (e.g. fenced by a newer instance with the same
-    /// transactional id): the process must exit; its successor restores from Kafka.
+    /// A client hit a fatal error (e.g. the producer was fenced by a newer instance with
+    /// the same transactional id): [`crate::run`] drops producer, consumer and state and
+    /// restores from Kafka, and returns this error only when it keeps happening.
     #[error("fatal producer error during {operation}")]
     Fatal {
         /// What was being done.

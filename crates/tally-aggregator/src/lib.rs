@@ -55,8 +55,14 @@
 //!   (timeout) or fenced by the successor's `init_transactions`; the successor restores
 //!   from `C`. Nothing after `C` was visible, nothing before it is redone.
 //! - *Zombie* (a stalled process whose partitions moved): its commit fails because its
-//!   group generation is stale, or its producer is fenced; fatal producer errors stop
-//!   the process (its supervisor restarts it, and it restores from Kafka).
+//!   group generation is stale, or its producer is fenced.
+//! - *Fatal client errors* (producer fenced by a process with the same transactional
+//!   id, fatal idempotence errors): the process drops its producer, its consumer and
+//!   every partition's state, and after a back-off starts from scratch in the same
+//!   process — new producer, new group member, state restored from the committed
+//!   offsets as on any assignment. Three fatal errors with no commit in between stop
+//!   the process with the error (`tally_aggregator_fatal_restarts_total` counts the
+//!   restarts).
 //! - *Rebalance*: before revoked partitions are released, the open transaction commits
 //!   (with offsets for all owned partitions); partitions reported lost abort it instead.
 //! - *Restart with another instance id*: the new owner reads the same committed offsets;

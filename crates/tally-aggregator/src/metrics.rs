@@ -56,6 +56,9 @@ pub const GROSS_MICROS: &str = "tally_aggregator_gross_micros_total";
 /// The aggregator stopped because the same input kept aborting its transaction.
 pub const ABORT_LOOPS: &str = "tally_aggregator_abort_loops_total";
 
+/// Restarts from the committed state after a fatal Kafka error (producer fenced, ...).
+pub const FATAL_RESTARTS: &str = "tally_aggregator_fatal_restarts_total";
+
 /// Buckets of the commit-latency histogram, seconds.
 pub const COMMIT_SECONDS_BUCKETS: [f64; 10] =
     [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
@@ -151,6 +154,11 @@ pub fn describe() {
         GROSS_MICROS,
         Unit::Count,
         "Gross revenue in committed billing rows, micro-units, by cloud."
+    );
+    describe_counter!(
+        FATAL_RESTARTS,
+        Unit::Count,
+        "Restarts from the committed state after a fatal Kafka error."
     );
     describe_counter!(
         ABORT_LOOPS,
@@ -267,6 +275,11 @@ pub(crate) fn count_restored(records: u64) {
 /// Counts a stop caused by an abort loop.
 pub(crate) fn count_abort_loop() {
     counter!(ABORT_LOOPS).increment(1);
+}
+
+/// Counts a restart after a fatal error.
+pub(crate) fn count_fatal_restart() {
+    counter!(FATAL_RESTARTS).increment(1);
 }
 
 /// Sets the state gauges.
