@@ -21,7 +21,7 @@
 //! preloads 20 000, as a smoke test. Needs `TALLY_TEST_BOOTSTRAP`. Extra librdkafka
 //! settings for the aggregator, for experiments: `TALLY_BENCH_CLIENT="key=value,..."`
 //! (e.g. `fetch.queue.backoff.ms=1000`, librdkafka's default, to see the stall it
-//! causes).
+//! causes); `TALLY_BENCH_WORKER_THREADS=n` sets `aggregator.worker_threads`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -176,6 +176,12 @@ fn settings(bootstrap: &str, topics: &Topics, group: &str) -> AggregatorSettings
     config.aggregator.group_id = group.to_owned();
     config.aggregator.idle_timeout_ms = 1_000;
     config.aggregator.commit_interval_ms = i64::try_from(COMMIT_INTERVAL_MS).expect("small");
+    // Worker threads of the aggregator (default: one per core), for experiments.
+    if let Ok(threads) = std::env::var("TALLY_BENCH_WORKER_THREADS") {
+        config.aggregator.worker_threads = threads
+            .parse()
+            .expect("TALLY_BENCH_WORKER_THREADS: a thread count");
+    }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/contracts/default.toml");
     let text = std::fs::read_to_string(&path).expect("read the default contracts");
     let window = WindowSize::new(config.aggregator.window_ms).expect("default window");

@@ -289,6 +289,35 @@ fn aborted_transactions_and_restarts_change_nothing() {
     );
 }
 
+/// Partition tasks on several worker threads decide exactly what one thread decides:
+/// the same rows, byte for byte. The input is preloaded, so the first fetches bring
+/// every partition's records at once and batches span partitions: the parallel path
+/// really runs.
+#[test]
+fn worker_threads_change_nothing() {
+    let input = produce_input(20_000, 13);
+    eprintln!("input: {}", input.describe());
+    let mut rows = Vec::new();
+    for threads in [1_u32, 4] {
+        let outputs = new_outputs(&input);
+        let group = rand_name("agg-test-group");
+        let mut run_settings = settings(&input, &outputs, &group);
+        run_settings.config.aggregator.worker_threads = threads;
+        let summary = run_aggregator(run_settings).expect("aggregator run");
+        eprintln!("{threads} worker threads: {summary:?}");
+        if threads == 1 {
+            assert_eq!(summary.parallel_batches, 0, "one thread never forks");
+        } else {
+            assert!(
+                summary.parallel_batches > 0,
+                "batches were processed as parallel partition tasks"
+            );
+        }
+        rows.push(verify_run(&input, &outputs, &group));
+    }
+    assert_eq!(rows[0], rows[1], "rows are identical with 1 and 4 threads");
+}
+
 #[test]
 fn refuses_to_start_a_new_group_without_a_start_position() {
     let bootstrap = bootstrap();

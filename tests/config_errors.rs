@@ -62,6 +62,17 @@ fn impossible_value_is_named() {
 }
 
 #[test]
+fn too_many_worker_threads_is_named() {
+    let output = tally_config_check("[aggregator]\nworker_threads = 100000\n", &[]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("aggregator.worker_threads"),
+        "stderr: {message}"
+    );
+}
+
+#[test]
 fn environment_override_is_validated_and_named() {
     let output = tally_config_check("", &[("TALLY_AGGREGATOR__DEDUPE_HORIZON_MS", "1000")]);
     assert!(!output.status.success());

@@ -1,15 +1,18 @@
 //! The Kafka loop: one consumer, one transactional producer, the owned partitions.
 //!
-//! Everything here runs on the caller's thread (librdkafka calls block). The
-//! [`Engine`] lives in the consumer's context behind a mutex, because the rebalance
-//! callback — which runs inside `poll` on the same thread — must commit, restore and
-//! drop partition state; the loop never holds the lock across `poll`.
+//! The loop runs on the caller's thread (librdkafka calls block). The [`Engine`] lives
+//! in the consumer's context behind a mutex, because the rebalance callback — which
+//! runs inside `poll` on the same thread — must commit, restore and drop partition
+//! state; the loop never holds the lock across `poll`. Batches of polled records are
+//! processed by per-partition tasks on the worker pool while the loop waits
+//! ([`Engine::on_batch`]; see the crate docs).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rayon::iter::{IntoParallelRefIterator, IntoParallelRefMutIterator, ParallelIterator};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -30,7 +33,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::AggregatorError;
 use crate::metrics::{self as m, PendingTotals};
 use crate::record::{InputRecord, RecordOutcome, RecordRules, TOO_LATE, apply_record, side_record};
-use crate::restore::rebuild_partition;
+use crate::restore::{Restored, rebuild_partition};
 use crate::settings::{AggregatorSettings, StartFrom};
 
 /// Timeout of blocking metadata and transaction calls.
@@ -42,6 +45,8 @@ const ABORT_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONSECUTIVE_ABORTS: u32 = 5;
 /// Retries of a retriable `commit_transaction` error.
 const COMMIT_RETRIES: u32 = 3;
+/// Records processed per batch at most (see `drive`).
+const MAX_BATCH: usize = 32_768;
 /// How long one `poll` waits.
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 /// Fatal errors without a committed transaction in between after which [`run`] stops
@@ -80,6 +85,8 @@ pub struct RunSummary {
     pub records_restored: u64,
     /// Restarts from the committed state after a fatal Kafka error.
     pub fatal_restarts: u64,
+    /// Batches whose records were processed as several partition tasks in parallel.
+    pub parallel_batches: u64,
 }
 
 impl RunSummary {
@@ -92,6 +99,7 @@ impl RunSummary {
             ticks_written: 0,
             records_restored: 0,
             fatal_restarts: 0,
+            parallel_batches: 0,
         }
     }
 
@@ -103,6 +111,7 @@ impl RunSummary {
         self.ticks_written += other.ticks_written;
         self.records_restored += other.records_restored;
         self.fatal_restarts += other.fatal_restarts;
+        self.parallel_batches += other.parallel_batches;
     }
 }
 
@@ -253,10 +262,13 @@ struct OwnedPartition {
     committed_tick_in_flight: bool,
     /// A tick was read after the last usage record.
     tick_read_since_usage: bool,
+    /// The rebalance epoch in which the partition was assigned or last rewound:
+    /// records polled in an earlier epoch are not applied.
+    since_epoch: u64,
 }
 
 impl OwnedPartition {
-    fn new(state: PartitionState, next_offset: i64, low_water: i64) -> OwnedPartition {
+    fn new(state: PartitionState, next_offset: i64, low_water: i64, epoch: u64) -> OwnedPartition {
         let now = Instant::now();
         OwnedPartition {
             committed: state.clone(),
@@ -271,11 +283,13 @@ impl OwnedPartition {
             tick_in_flight: false,
             committed_tick_in_flight: false,
             tick_read_since_usage: false,
+            since_epoch: epoch,
         }
     }
 
     /// Back to the last commit.
-    fn rewind(&mut self) {
+    fn rewind(&mut self, epoch: u64) {
+        self.since_epoch = epoch;
         self.live.clone_from(&self.committed);
         self.next_offset = self.committed_offset;
         self.dirty = false;
@@ -299,6 +313,123 @@ impl OwnedPartition {
             (None, _) => true,
             (Some(tick), Some(watermark)) => tick <= watermark,
             (Some(_), None) => false,
+        }
+    }
+}
+
+/// A polled record and the rebalance epoch it was polled in.
+struct Polled<'c> {
+    message: BorrowedMessage<'c>,
+    epoch: u64,
+}
+
+/// What the workers of one batch share (read only).
+struct BatchContext<'a> {
+    rules: RecordRules<'a>,
+    producer: &'a BaseProducer<ProducerCallbacks>,
+    source_topic: &'a str,
+    late_topic: &'a str,
+    dlq_topic: &'a str,
+    max_value_bytes: usize,
+    now: Instant,
+}
+
+/// Applies one partition's records of a batch, in order, and writes their side
+/// records. Returns the reasons of the rejected records.
+fn process_partition(
+    owned: &mut OwnedPartition,
+    messages: &[&BorrowedMessage<'_>],
+    context: &BatchContext<'_>,
+) -> Result<Vec<&'static str>, AggregatorError> {
+    let mut rejected = Vec::new();
+    for message in messages {
+        let record = InputRecord {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key(),
+            value: message.payload().unwrap_or_default(),
+            timestamp_ms: message.timestamp().to_millis(),
+        };
+        if record.offset < owned.next_offset {
+            // Fetched before a seek back; the seek makes librdkafka drop these, but a
+            // record below the position must never be applied twice.
+            continue;
+        }
+        let outcome = apply_record(&mut owned.live, &context.rules, &record);
+        owned.next_offset = record.offset + 1;
+        owned.dirty = true;
+        owned.at_end = false;
+        owned.last_record_at = context.now;
+        if outcome == RecordOutcome::Tick {
+            owned.tick_in_flight = false;
+            owned.tick_read_since_usage = true;
+        } else {
+            owned.last_usage_at = context.now;
+            owned.tick_read_since_usage = false;
+        }
+        match outcome {
+            RecordOutcome::Absorbed | RecordOutcome::Tick => {}
+            RecordOutcome::TooLate => {
+                write_side(context, context.late_topic, &record, TOO_LATE)?;
+            }
+            RecordOutcome::Rejected { reason } => {
+                rejected.push(reason);
+                write_side(context, context.dlq_topic, &record, reason)?;
+            }
+        }
+    }
+    Ok(rejected)
+}
+
+/// Writes the original record to a side topic with the reason and source headers.
+fn write_side(
+    context: &BatchContext<'_>,
+    topic: &str,
+    record: &InputRecord<'_>,
+    reason: &'static str,
+) -> Result<(), AggregatorError> {
+    let side = side_record(
+        record,
+        context.source_topic,
+        reason,
+        context.max_value_bytes,
+    );
+    let mut headers = OwnedHeaders::new_with_capacity(side.headers.len());
+    for (name, value) in &side.headers {
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(value.as_bytes()),
+        });
+    }
+    let mut out = BaseRecord::<[u8], [u8]>::to(topic)
+        .payload(side.value)
+        .headers(headers);
+    if let Some(key) = record.key {
+        out = out.key(key);
+    }
+    if let Some(timestamp) = record.timestamp_ms {
+        out = out.timestamp(timestamp);
+    }
+    send(context.producer, out)
+}
+
+/// Enqueues a record, waiting while the local queue is full.
+fn send<K, P>(
+    producer: &BaseProducer<ProducerCallbacks>,
+    mut record: BaseRecord<'_, K, P, ()>,
+) -> Result<(), AggregatorError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                record = returned;
+                producer.poll(Duration::from_millis(50));
+            }
+            Err((source, _)) => return Err(classify("produce", source)),
         }
     }
 }
@@ -328,6 +459,10 @@ pub(crate) struct Engine {
     last_commit: Instant,
     last_gauges: Instant,
     buffer: Vec<u8>,
+    /// Threads that process partitions in parallel (none: on the loop's thread).
+    workers: Option<Arc<rayon::ThreadPool>>,
+    /// Bumped whenever partitions are assigned or rewound (see [`Polled`]).
+    epoch: Arc<AtomicU64>,
 }
 
 fn classify(operation: &'static str, source: KafkaError) -> AggregatorError {
@@ -383,6 +518,11 @@ impl Engine {
         &self.settings.config.topics.usage_events
     }
 
+    /// Starts a new rebalance epoch and returns it.
+    fn next_epoch(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
     fn ensure_transaction(&mut self) -> Result<(), AggregatorError> {
         if !self.in_transaction {
             self.producer
@@ -393,104 +533,75 @@ impl Engine {
         Ok(())
     }
 
-    fn send<K, P>(&self, mut record: BaseRecord<'_, K, P, ()>) -> Result<(), AggregatorError>
+    fn send<K, P>(&self, record: BaseRecord<'_, K, P, ()>) -> Result<(), AggregatorError>
     where
         K: rdkafka::message::ToBytes + ?Sized,
         P: rdkafka::message::ToBytes + ?Sized,
     {
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                    record = returned;
-                    self.producer.poll(Duration::from_millis(50));
-                }
-                Err((source, _)) => return Err(classify("produce", source)),
-            }
-        }
+        send(&self.producer, record)
     }
 
-    /// Processes one input record; `now` is when it was polled (one clock read per
-    /// record, shared with the loop's housekeeping check).
-    fn on_record(
-        &mut self,
-        message: &BorrowedMessage<'_>,
-        now: Instant,
-    ) -> Result<(), AggregatorError> {
-        let partition = message.partition();
-        let record = InputRecord {
-            partition,
-            offset: message.offset(),
-            key: message.key(),
-            value: message.payload().unwrap_or_default(),
-            timestamp_ms: message.timestamp().to_millis(),
-        };
-        let rules = RecordRules {
-            contracts: &self.settings.contracts,
-            limits: &self.limits,
-            partition_count: self.partition_count,
-        };
-        let Some(owned) = self.partitions.get_mut(&partition) else {
-            return Ok(());
-        };
-        if record.offset < owned.next_offset {
-            // Fetched before a seek back; the seek makes librdkafka drop these, but a
-            // record below the position must never be applied twice.
+    /// Processes a batch of polled records: each partition's records in offset order
+    /// on one thread, different partitions in parallel on the worker pool. Records
+    /// polled before their partition was rewound or reassigned (a rebalance callback
+    /// ran inside a later poll of the same batch) are skipped: the consumer was seeked
+    /// back and delivers them again.
+    fn on_batch(&mut self, batch: &[Polled<'_>], now: Instant) -> Result<(), AggregatorError> {
+        let mut groups: BTreeMap<i32, Vec<&BorrowedMessage<'_>>> = BTreeMap::new();
+        for polled in batch {
+            let partition = polled.message.partition();
+            let Some(owned) = self.partitions.get(&partition) else {
+                continue;
+            };
+            if polled.epoch < owned.since_epoch {
+                continue;
+            }
+            groups.entry(partition).or_default().push(&polled.message);
+        }
+        if groups.is_empty() {
             return Ok(());
         }
-        let outcome = apply_record(&mut owned.live, &rules, &record);
-        owned.next_offset = record.offset + 1;
-        owned.dirty = true;
-        owned.at_end = false;
-        owned.last_record_at = now;
-        if outcome == RecordOutcome::Tick {
-            owned.tick_in_flight = false;
-            owned.tick_read_since_usage = true;
-        } else {
-            owned.last_usage_at = now;
-            owned.tick_read_since_usage = false;
-        }
-        match outcome {
-            RecordOutcome::Absorbed | RecordOutcome::Tick => Ok(()),
-            RecordOutcome::TooLate => {
-                let topic = self.settings.config.topics.late.clone();
-                self.write_side(&topic, &record, TOO_LATE)
-            }
-            RecordOutcome::Rejected { reason } => {
-                self.pending.add_rejected(reason);
-                let topic = self.settings.config.topics.dlq.clone();
-                self.write_side(&topic, &record, reason)
-            }
-        }
-    }
-
-    fn write_side(
-        &mut self,
-        topic: &str,
-        record: &InputRecord<'_>,
-        reason: &'static str,
-    ) -> Result<(), AggregatorError> {
+        // Side records are written from the worker threads, inside this transaction.
         self.ensure_transaction()?;
-        let max_value_bytes =
-            usize::try_from(self.settings.config.topics.max_message_bytes).unwrap_or(0);
-        let side = side_record(record, self.topic(), reason, max_value_bytes);
-        let mut headers = OwnedHeaders::new_with_capacity(side.headers.len());
-        for (name, value) in &side.headers {
-            headers = headers.insert(Header {
-                key: name,
-                value: Some(value.as_bytes()),
-            });
+        let context = BatchContext {
+            rules: RecordRules {
+                contracts: &self.settings.contracts,
+                limits: &self.limits,
+                partition_count: self.partition_count,
+            },
+            producer: &self.producer,
+            source_topic: &self.settings.config.topics.usage_events,
+            late_topic: &self.settings.config.topics.late,
+            dlq_topic: &self.settings.config.topics.dlq,
+            max_value_bytes: usize::try_from(self.settings.config.topics.max_message_bytes)
+                .unwrap_or(0),
+            now,
+        };
+        let mut work: Vec<(&mut OwnedPartition, Vec<&BorrowedMessage<'_>>)> = self
+            .partitions
+            .iter_mut()
+            .filter_map(|(partition, owned)| Some((owned, groups.remove(partition)?)))
+            .collect();
+        let results: Vec<Result<Vec<&'static str>, AggregatorError>> = match &self.workers {
+            Some(pool) if work.len() > 1 => {
+                self.summary.parallel_batches += 1;
+                pool.install(|| {
+                    work.par_iter_mut()
+                        .map(|(owned, messages)| process_partition(owned, messages, &context))
+                        .collect()
+                })
+            }
+            _ => work
+                .iter_mut()
+                .map(|(owned, messages)| process_partition(owned, messages, &context))
+                .collect(),
+        };
+        for result in results {
+            for reason in result? {
+                self.pending.add_rejected(reason);
+            }
         }
-        let mut out = BaseRecord::<[u8], [u8]>::to(topic)
-            .payload(side.value)
-            .headers(headers);
-        if let Some(key) = record.key {
-            out = out.key(key);
-        }
-        if let Some(timestamp) = record.timestamp_ms {
-            out = out.timestamp(timestamp);
-        }
-        self.send(out)
+        Ok(())
     }
 
     fn produce_row(&mut self, row: &BillingAggregate) -> Result<(), AggregatorError> {
@@ -692,8 +803,9 @@ impl Engine {
         self.summary.transactions_aborted += 1;
         self.pending = PendingTotals::default();
         let topic = self.settings.config.topics.usage_events.clone();
+        let epoch = self.next_epoch();
         for (partition, owned) in &mut self.partitions {
-            owned.rewind();
+            owned.rewind(epoch);
             consumer
                 .seek(
                     &topic,
@@ -830,9 +942,13 @@ impl Engine {
                 operation: "fetch committed offsets",
                 source,
             })?;
+        // Read every checkpoint first, then rebuild the partitions that have one, in
+        // parallel on the worker pool: a restore re-reads the partition's history.
+        let mut to_restore = Vec::new();
+        let mut fresh = Vec::new();
         for element in committed.elements() {
             let partition = element.partition();
-            let owned = match element.offset() {
+            match element.offset() {
                 Offset::Offset(committed_offset) => {
                     let checkpoint =
                         Checkpoint::from_metadata(element.metadata()).map_err(|source| {
@@ -842,45 +958,64 @@ impl Engine {
                                 source,
                             }
                         })?;
-                    let rules = RecordRules {
-                        contracts: &self.settings.contracts,
-                        limits: &self.limits,
-                        partition_count: self.partition_count,
-                    };
-                    let restored = rebuild_partition(
-                        &self.settings,
-                        &rules,
-                        partition,
-                        &checkpoint,
-                        committed_offset,
-                    )?;
-                    m::count_restored(restored.records);
-                    self.summary.records_restored += restored.records;
-                    OwnedPartition::new(restored.state, committed_offset, checkpoint.low_water)
+                    to_restore.push((partition, checkpoint, committed_offset));
                 }
-                _ => {
-                    let Some(start_from) = self.settings.start_from else {
-                        return Err(AggregatorError::NoStartPosition {
-                            topic: topic.clone(),
-                            partition,
-                            group: self.settings.config.aggregator.group_id.clone(),
-                        });
-                    };
-                    let start = self.resolve_start(consumer, partition, start_from)?;
-                    info!(
-                        partition,
-                        start,
-                        ?start_from,
-                        "partition has no committed offset, starting fresh"
-                    );
-                    let state = PartitionState::new(self.settings.partition_params(partition))?;
-                    let mut owned = OwnedPartition::new(state, start, start);
-                    // Commit the start position at the next commit, so a restart never
-                    // needs --start-from again.
-                    owned.dirty = true;
-                    owned
-                }
+                _ => fresh.push(partition),
+            }
+        }
+        let rules = RecordRules {
+            contracts: &self.settings.contracts,
+            limits: &self.limits,
+            partition_count: self.partition_count,
+        };
+        let settings = &self.settings;
+        let rebuild = |(partition, checkpoint, committed_offset): &(i32, Checkpoint, i64)| {
+            rebuild_partition(settings, &rules, *partition, checkpoint, *committed_offset)
+        };
+        let rebuilt: Vec<Result<Restored, AggregatorError>> = match &self.workers {
+            Some(pool) if to_restore.len() > 1 => {
+                pool.install(|| to_restore.par_iter().map(rebuild).collect())
+            }
+            _ => to_restore.iter().map(rebuild).collect(),
+        };
+        let mut owned_partitions = Vec::with_capacity(to_restore.len() + fresh.len());
+        for ((partition, checkpoint, committed_offset), restored) in
+            to_restore.into_iter().zip(rebuilt)
+        {
+            let restored = restored?;
+            m::count_restored(restored.records);
+            self.summary.records_restored += restored.records;
+            let owned = OwnedPartition::new(
+                restored.state,
+                committed_offset,
+                checkpoint.low_water,
+                self.next_epoch(),
+            );
+            owned_partitions.push((partition, owned));
+        }
+        for partition in fresh {
+            let Some(start_from) = self.settings.start_from else {
+                return Err(AggregatorError::NoStartPosition {
+                    topic: topic.clone(),
+                    partition,
+                    group: self.settings.config.aggregator.group_id.clone(),
+                });
             };
+            let start = self.resolve_start(consumer, partition, start_from)?;
+            info!(
+                partition,
+                start,
+                ?start_from,
+                "partition has no committed offset, starting fresh"
+            );
+            let state = PartitionState::new(self.settings.partition_params(partition))?;
+            let mut owned = OwnedPartition::new(state, start, start, self.next_epoch());
+            // Commit the start position at the next commit, so a restart never needs
+            // --start-from again.
+            owned.dirty = true;
+            owned_partitions.push((partition, owned));
+        }
+        for (partition, owned) in owned_partitions {
             assignment
                 .set_partition_offset(&topic, partition, Offset::Offset(owned.next_offset))
                 .map_err(|source| AggregatorError::Kafka {
@@ -1131,10 +1266,11 @@ pub fn run(
     shutdown: Arc<AtomicBool>,
 ) -> Result<RunSummary, AggregatorError> {
     settings.validate()?;
+    let workers = worker_pool(settings.worker_threads())?;
     let mut total = RunSummary::empty();
     let mut fatal_in_a_row: u32 = 0;
     loop {
-        let (result, summary) = run_incarnation(settings.clone(), &shutdown);
+        let (result, summary) = run_incarnation(settings.clone(), workers.clone(), &shutdown);
         total.add(&summary);
         let (operation, source) = match result {
             Ok(exit) => {
@@ -1181,13 +1317,30 @@ pub fn run(
     }
 }
 
+/// The pool that processes partitions in parallel; none for one thread (the loop's).
+fn worker_pool(threads: usize) -> Result<Option<Arc<rayon::ThreadPool>>, AggregatorError> {
+    if threads <= 1 {
+        return Ok(None);
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|index| format!("tally-worker-{index}"))
+        .build()
+        .map_err(|error| {
+            AggregatorError::Settings(format!("cannot start {threads} worker threads: {error}"))
+        })?;
+    info!(threads, "partition worker threads started");
+    Ok(Some(Arc::new(pool)))
+}
+
 /// One incarnation: a producer, a consumer and the partitions they own, from an empty
 /// state until an exit or an error. Returns what it committed either way.
 fn run_incarnation(
     settings: AggregatorSettings,
+    workers: Option<Arc<rayon::ThreadPool>>,
     shutdown: &AtomicBool,
 ) -> (Result<ExitReason, AggregatorError>, RunSummary) {
-    let (consumer, context) = match start_incarnation(settings) {
+    let (consumer, context) = match start_incarnation(settings, workers) {
         Ok(started) => started,
         Err(error) => return (Err(error), RunSummary::empty()),
     };
@@ -1215,6 +1368,7 @@ fn run_incarnation(
 /// and the consumer, and subscribes.
 fn start_incarnation(
     settings: AggregatorSettings,
+    workers: Option<Arc<rayon::ThreadPool>>,
 ) -> Result<(BaseConsumer<AggregatorContext>, Arc<AggregatorContext>), AggregatorError> {
     let producer: BaseProducer<ProducerCallbacks> = producer_config(&settings)
         .create_with_context(ProducerCallbacks {
@@ -1253,6 +1407,8 @@ fn start_incarnation(
         last_commit: now,
         last_gauges: now,
         buffer: Vec::with_capacity(1024),
+        workers,
+        epoch: Arc::new(AtomicU64::new(0)),
     };
     let context = AggregatorContext {
         engine: Mutex::new(engine),
@@ -1301,35 +1457,62 @@ fn drive(
             engine.settings.exit_after_idle,
         )
     };
+    let epoch = Arc::clone(&context.engine()?.epoch);
+    let mut batch: Vec<Polled<'_>> = Vec::with_capacity(MAX_BATCH);
     let mut last_housekeeping = Instant::now();
     loop {
         if shutdown.load(Ordering::SeqCst) {
             info!("shutdown requested");
             return Ok(ExitReason::Shutdown);
         }
-        let polled = consumer.poll(POLL_TIMEOUT);
+        // Collect a batch: wait for the first record, then take what is buffered, up to
+        // MAX_BATCH records or the housekeeping interval. Rebalance callbacks run inside
+        // these polls; `epoch` tells which records were polled before them.
+        let mut quiet = false;
+        let mut end_reached = None;
+        let mut timeout = POLL_TIMEOUT;
+        let collect_until = Instant::now() + HOUSEKEEPING_EVERY;
+        while batch.len() < MAX_BATCH {
+            match consumer.poll(timeout) {
+                None => {
+                    quiet = true;
+                    break;
+                }
+                Some(Ok(message)) => batch.push(Polled {
+                    message,
+                    epoch: epoch.load(Ordering::SeqCst),
+                }),
+                Some(Err(KafkaError::PartitionEOF(partition))) => {
+                    end_reached = Some(partition);
+                    quiet = true;
+                    break;
+                }
+                Some(Err(error)) => {
+                    if is_fatal(&error) {
+                        return Err(AggregatorError::Fatal {
+                            operation: "consume",
+                            source: error,
+                        });
+                    }
+                    warn!(error = %error, "consumer error");
+                    break;
+                }
+            }
+            timeout = Duration::ZERO;
+            if batch.len().is_multiple_of(64) && Instant::now() >= collect_until {
+                break;
+            }
+        }
         let now = Instant::now();
         if let Some(error) = context.take_deferred() {
             return Err(error);
         }
         let mut engine = context.engine()?;
-        let mut quiet = false;
-        match polled {
-            None => quiet = true,
-            Some(Ok(message)) => engine.on_record(&message, now)?,
-            Some(Err(KafkaError::PartitionEOF(partition))) => {
-                engine.on_eof(partition);
-                quiet = true;
-            }
-            Some(Err(error)) => {
-                if is_fatal(&error) {
-                    return Err(AggregatorError::Fatal {
-                        operation: "consume",
-                        source: error,
-                    });
-                }
-                warn!(error = %error, "consumer error");
-            }
+        let processed = engine.on_batch(&batch, now);
+        batch.clear();
+        processed?;
+        if let Some(partition) = end_reached {
+            engine.on_eof(partition);
         }
         if !quiet && now.saturating_duration_since(last_housekeeping) < HOUSEKEEPING_EVERY {
             continue;

@@ -3,12 +3,31 @@
 //!
 //! [`run`] is the whole process: one consumer in the group `aggregator.group_id`, one
 //! transactional producer, and the [`PartitionState`](tally_core::partition::PartitionState)
-//! of every owned partition, on one blocking thread (librdkafka calls block; the binary
-//! calls [`run`] from `spawn_blocking` or its own thread). Each input record goes through
-//! [`record::apply_record`]: decode → validate against its Kafka timestamp → routing
-//! check → the state machine. Rejected records go to usage.dlq and too-late events to
-//! usage.late, with their original bytes and key and `tally.reason` /
-//! `tally.source.{topic,partition,offset}` headers.
+//! of every owned partition. One blocking thread (librdkafka calls block; the binary
+//! calls [`run`] from `spawn_blocking` or its own thread) polls the consumer, runs the
+//! rebalance callbacks and every transaction call; the records themselves are
+//! processed by per-partition tasks on a pool of `aggregator.worker_threads` threads.
+//! Each input record goes through [`record::apply_record`]: decode → validate against
+//! its Kafka timestamp → routing check → the state machine. Rejected records go to
+//! usage.dlq and too-late events to usage.late, with their original bytes and key and
+//! `tally.reason` / `tally.source.{topic,partition,offset}` headers.
+//!
+//! # Threads and partition tasks
+//!
+//! The loop polls a batch of records (up to 32 768, or what arrived within 10 ms), then
+//! hands each partition's records of the batch, in offset order, to one task on the
+//! worker pool together with `&mut` access to that partition's state; different
+//! partitions run in parallel, and the loop waits for all of them before it polls or
+//! commits again. A partition's state is therefore owned by exactly one task at a time
+//! and never locked; nothing is shared between tasks except read-only settings and the
+//! (thread-safe) producer they write side records through. Commits, aborts and
+//! rebalances happen between batches on the loop's thread, so the checkpoint protocol
+//! below is the same as with one thread. Restores of several newly assigned partitions
+//! also run in parallel on the pool. A rebalance callback can run inside a poll in the
+//! middle of collecting a batch; records polled before it, for a partition it rewound
+//! or reassigned, are dropped from the batch (the consumer was seeked back to where the
+//! state now is and delivers them again), while records of untouched partitions are
+//! processed normally.
 //!
 //! # Checkpoints and exactly-once semantics
 //!
@@ -84,8 +103,10 @@
 //! horizon and the open windows can still need is future work. The restore runs inside
 //! the rebalance callback, so a restore longer than `max.poll.interval.ms` costs a
 //! rebalance. Snapshots at commit are deep clones of the partitions that changed:
-//! O(state) per commit interval. All owned partitions are processed on one thread;
-//! scale out with more processes in the group.
+//! O(state) per commit interval. Parallelism within a process is bounded by the
+//! partitions present in a batch: librdkafka delivers each partition's fetched data as
+//! one run, so a batch spans several partitions only when fetch responses are smaller
+//! than a batch; beyond one process, scale out with more processes in the group.
 
 pub mod checkpoint;
 mod engine;

@@ -209,6 +209,15 @@ impl AggregatorSettings {
         duration_ms(self.config.aggregator.transaction_timeout_ms)
     }
 
+    /// Threads processing partitions in parallel (`aggregator.worker_threads`, 0 = one
+    /// per available core).
+    pub fn worker_threads(&self) -> usize {
+        match self.config.aggregator.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            threads => usize::try_from(threads).unwrap_or(1),
+        }
+    }
+
     /// Idle time at a partition's end before a tick is written.
     pub fn idle_timeout(&self) -> Duration {
         duration_ms(self.config.aggregator.idle_timeout_ms)

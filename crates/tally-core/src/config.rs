@@ -186,7 +186,14 @@ pub struct AggregatorConfig {
     /// Path of the contracts file (price book and revenue-share rules).
     #[serde(default = "default_contracts_path")]
     pub contracts_path: String,
+    /// Threads that process the owned partitions' records in parallel (a partition is
+    /// processed by one thread at a time); 0 = one per available core.
+    #[serde(default)]
+    pub worker_threads: u32,
 }
+
+/// Upper bound of `aggregator.worker_threads`.
+pub const MAX_WORKER_THREADS: u32 = 256;
 
 fn default_group_id() -> String {
     "tally-aggregator".to_owned()
@@ -240,6 +247,7 @@ impl Default for AggregatorConfig {
             commit_interval_ms: default_commit_interval_ms(),
             transaction_timeout_ms: default_transaction_timeout_ms(),
             contracts_path: default_contracts_path(),
+            worker_threads: 0,
         }
     }
 }
@@ -427,6 +435,12 @@ impl Config {
                     "{} is shorter than allowed_lateness_ms + correction_horizon_ms = {needed}: duplicates of correctable events would be counted twice",
                     aggregator.dedupe_horizon_ms
                 ),
+            ));
+        }
+        if aggregator.worker_threads > MAX_WORKER_THREADS {
+            return Err(invalid(
+                "aggregator.worker_threads",
+                format!("must be at most {MAX_WORKER_THREADS} (0 = one per core)"),
             ));
         }
         if aggregator.idle_timeout_ms <= 0 {
