@@ -192,8 +192,8 @@ struct KillReport {
     /// Kills with the 5 s commit interval, a random 0.5–4.5 s after the partitions were
     /// assigned (restored): inside the first transactions of that process.
     kills_long_phase: usize,
-    /// Kills with the 200 ms commit interval, a random 0–1 s after the process first
-    /// committed progress.
+    /// Kills with the 200 ms commit interval, a random 0–200 ms after the process
+    /// committed a random 10k–60k more input offsets.
     kills_after_progress: usize,
     /// Kills a random 0.3–6 s after the start whatever the process was doing (joining the
     /// group, restoring, processing).
@@ -252,9 +252,15 @@ fn kill_loop(deployment: &Deployment, plan: &KillPlan, total_offsets: i64) -> Ki
             rng.random_range(500..4_500)
         } else {
             report.kills_after_progress += 1;
-            let progressed = || before >= total_offsets || probe.sum() > before;
+            // A bounded amount of progress, not a time: a faster aggregator must not
+            // finish the input within the first few kills.
+            let target = before + rng.random_range(10_000..60_000);
+            let progressed = || {
+                let committed = probe.sum();
+                committed >= total_offsets || committed >= target
+            };
             wait_for(&progressed, &mut process, "committed progress");
-            rng.random_range(0..1_000)
+            rng.random_range(0..200)
         };
         thread::sleep(Duration::from_millis(delay));
         assert!(
