@@ -121,6 +121,16 @@ mod tests {
     }
 
     #[test]
+    fn id_is_the_lowercase_hex_of_the_first_16_digest_bytes() {
+        // SHA-256 of the encoding in the module docs, computed independently.
+        let dims = dims("t1", Some("p"), "us-east-1");
+        assert_eq!(
+            row_id(&identity(&dims, 2)),
+            "ad1358f80c06da05b510830fb53ec0b8"
+        );
+    }
+
+    #[test]
     fn every_field_changes_the_id() {
         let base_dims = dims("t1", None, "us-east-1");
         let base = row_id(&identity(&base_dims, 0));

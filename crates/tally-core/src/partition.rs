@@ -64,16 +64,19 @@
 //!
 //! # Memory
 //! [`PartitionState::approx_state_bytes`] estimates heap bytes from capacities: the
-//! dedupe set (see [`crate::dedupe`]), each open pane (its key's strings, the key and
-//! accumulator, B-tree slack) and queued rows. Measured with `cargo test -p tally-core
+//! dedupe set (see [`crate::dedupe`]), each open pane (key and accumulator in its
+//! window's hash table), the interned dims strings (each distinct string once per
+//! partition, not once per pane) and queued rows. Measured with `cargo test -p tally-core
 //! --test pipeline_props -- --ignored --nocapture --test-threads=1 memory_per`:
 //! - per remembered event id: 68.9 bytes estimated, 52.4 bytes of resident set
 //!   (1 000 000 ids);
 //! - per open key (one pane of short dims strings, in one window; panes are a hash map
-//!   per window): 338.5 bytes estimated; the resident set grew 401 bytes per key
-//!   including the key's event id (≈ 52), so ≈ 349 bytes per pane (200 000 keys).
+//!   per window), every key with its own tenant string (so one interned string per
+//!   key, the worst case): 228.9 bytes estimated; the resident set grew 278 bytes per
+//!   key including the key's event id (≈ 52), so ≈ 226 bytes per pane (200 000 keys).
+//!   Keys that share their strings, as a tenant's panes do, cost only their slot in
+//!   the window's table.
 
-use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -87,6 +90,10 @@ use crate::event::{Cloud, EventId, RequestStatus, TokenCounts, UsageEvent};
 use crate::identity::{RowIdentity, row_id};
 use crate::money::{MoneyError, RowAmounts};
 use crate::window::{Window, WindowSize};
+
+mod symbols;
+
+use symbols::{Sym, Symbols};
 
 /// Largest token sum of one kind in one pane: 2⁴⁰ ≈ 1.1 × 10¹² tokens.
 pub const MAX_PANE_TOKENS_PER_KIND: u64 = 1 << 40;
@@ -296,38 +303,51 @@ pub enum RowPricingError {
     Money(#[from] MoneyError),
 }
 
-type PaneKey = (Dims, RowKind);
+/// The channel partner of a key without one.
+const NO_PARTNER: Sym = Sym::MAX;
 
-/// The open panes of one window. A hash map: the pane of every counted event is looked
-/// up here, and a B-tree of string keys cost about twenty string comparisons per
-/// lookup at 50 000 panes (the largest item of the hot path, `benches/hot_path.rs`).
-/// Iteration order does not matter: closed panes are sorted before they are queued, so
-/// the hasher is foldhash with a per-process random seed (several times faster than
-/// SipHash on the dims strings, and its order is never observable).
-type Panes = HashMap<PaneKey, PaneAcc, foldhash::fast::RandomState>;
-
-/// A pane key as borrowed fields, in `PaneKey`'s order (the fields of [`Dims`], then the
-/// row kind), so an event's pane is looked up without cloning its dims strings: the
-/// clone happens only when the pane is new. `PaneKey: Borrow<dyn PaneKeyView>` with
-/// the same equality, hash (the derived `Hash` of `PaneKey` feeds the hasher the same
-/// fields in the same order) and ordering, as `HashMap` and `BTreeMap` require.
-trait PaneKeyView {
-    fn view(&self) -> (&str, &str, Cloud, Option<&str>, &str, RowKind);
+/// A pane key: the dims as symbols of the partition's [`Symbols`], and the row kind.
+/// Twenty bytes, `Copy`, compared and hashed in the table slot; the strings are read
+/// back from the symbols only when the pane's row is ordered and built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PaneKey {
+    tenant: Sym,
+    model: Sym,
+    /// [`NO_PARTNER`] for none.
+    partner: Sym,
+    region: Sym,
+    cloud: Cloud,
+    row_kind: RowKind,
 }
 
-impl PaneKeyView for PaneKey {
-    fn view(&self) -> (&str, &str, Cloud, Option<&str>, &str, RowKind) {
-        let (dims, row_kind) = self;
-        (
-            &dims.tenant_id,
-            &dims.model,
-            dims.cloud,
-            dims.channel_partner.as_deref(),
-            &dims.region,
-            *row_kind,
-        )
+impl Hash for PaneKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Every field, packed into three writes.
+        state.write_u64(u64::from(self.tenant) | (u64::from(self.model) << 32));
+        state.write_u64(u64::from(self.partner) | (u64::from(self.region) << 32));
+        state.write_u16(u16::from(self.cloud as u8) | (u16::from(self.row_kind as u8) << 8));
     }
 }
+
+impl PaneKey {
+    /// The symbols the key holds.
+    fn symbols(&self) -> impl Iterator<Item = Sym> {
+        let partner = (self.partner != NO_PARTNER).then_some(self.partner);
+        [self.tenant, self.model, self.region]
+            .into_iter()
+            .chain(partner)
+    }
+}
+
+/// The open panes of one window. A hash map of small integer keys: the pane of every
+/// counted event is looked up here (on the hot path, `benches/hot_path.rs`). Iteration
+/// order does not matter: closed panes are sorted by their dims strings before they are
+/// queued, so the hasher is foldhash with a per-process random seed (its order, like
+/// the symbol numbers, is never observable).
+type Panes = HashMap<PaneKey, PaneAcc, foldhash::fast::RandomState>;
+
+/// Last correction sequence per key of one window.
+type Sequences = HashMap<PaneKey, u32, foldhash::fast::RandomState>;
 
 /// The fields of a usage event the state machine reads, borrowed from an owned
 /// [`UsageEvent`] or from a record ([`UsageEventRef`]), so both forms take the same path.
@@ -373,58 +393,6 @@ impl<'a> From<&UsageEventRef<'a>> for EventFields<'a> {
             tokens: event.tokens,
             status: event.status,
         }
-    }
-}
-
-/// The pane key of an event, borrowed from it.
-struct EventPaneKey<'a> {
-    event: EventFields<'a>,
-    row_kind: RowKind,
-}
-
-impl PaneKeyView for EventPaneKey<'_> {
-    fn view(&self) -> (&str, &str, Cloud, Option<&str>, &str, RowKind) {
-        let event = &self.event;
-        (
-            event.tenant_id,
-            event.model,
-            event.cloud,
-            event.channel_partner,
-            event.region,
-            self.row_kind,
-        )
-    }
-}
-
-impl<'a> Borrow<dyn PaneKeyView + 'a> for PaneKey {
-    fn borrow(&self) -> &(dyn PaneKeyView + 'a) {
-        self
-    }
-}
-
-impl PartialEq for dyn PaneKeyView + '_ {
-    fn eq(&self, other: &Self) -> bool {
-        self.view() == other.view()
-    }
-}
-
-impl Eq for dyn PaneKeyView + '_ {}
-
-impl Hash for dyn PaneKeyView + '_ {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.view().hash(state);
-    }
-}
-
-impl PartialOrd for dyn PaneKeyView + '_ {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for dyn PaneKeyView + '_ {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.view().cmp(&other.view())
     }
 }
 
@@ -487,12 +455,45 @@ fn tokens_fit_alone(tokens: &TokenCounts) -> bool {
     .all(|count| count <= MAX_PANE_TOKENS_PER_KIND)
 }
 
+/// The key of an event's pane when all its dims strings are interned (else no pane
+/// holds them, and the pane is new).
+#[inline]
+fn known_key(symbols: &Symbols, event: &EventFields<'_>, row_kind: RowKind) -> Option<PaneKey> {
+    Some(PaneKey {
+        tenant: symbols.get(event.tenant_id)?,
+        model: symbols.get(event.model)?,
+        partner: match event.channel_partner {
+            None => NO_PARTNER,
+            Some(partner) => symbols.get(partner)?,
+        },
+        region: symbols.get(event.region)?,
+        cloud: event.cloud,
+        row_kind,
+    })
+}
+
+/// Panes closed in one step from which they are sorted by symbol ranks rather than by
+/// comparing texts (ranking costs a sort of the symbols).
+const RANKED_SORT_MIN_PANES: usize = 256;
+
+/// Orders two keys' dims as [`Dims`] orders the strings: tenant, model, cloud, channel
+/// partner (none first), region.
+fn cmp_dims(symbols: &Symbols, a: &PaneKey, b: &PaneKey) -> Ordering {
+    let partner = |key: &PaneKey| (key.partner != NO_PARTNER).then(|| symbols.text(key.partner));
+    symbols
+        .text(a.tenant)
+        .cmp(symbols.text(b.tenant))
+        .then_with(|| symbols.text(a.model).cmp(symbols.text(b.model)))
+        .then_with(|| a.cloud.cmp(&b.cloud))
+        .then_with(|| partner(a).cmp(&partner(b)))
+        .then_with(|| symbols.text(a.region).cmp(symbols.text(b.region)))
+}
+
 /// A pane that closed and waits to be priced and drained.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ClosedPane {
     window: Window,
-    dims: Dims,
-    row_kind: RowKind,
+    key: PaneKey,
     correction_seq: u32,
     acc: PaneAcc,
 }
@@ -510,7 +511,9 @@ pub struct PartitionState {
     /// Open correction panes of closed windows, by window start.
     corrections: BTreeMap<i64, Panes>,
     /// Last correction sequence emitted per key, for windows still within the horizon.
-    last_correction_seq: BTreeMap<i64, BTreeMap<PaneKey, u32>>,
+    last_correction_seq: BTreeMap<i64, Sequences>,
+    /// The dims strings of every key above and of the queued closed panes.
+    symbols: Symbols,
     dedupe: DedupeSet,
     closed: Vec<ClosedPane>,
     counters: PartitionCounters,
@@ -532,6 +535,7 @@ impl Clone for PartitionState {
             on_time: self.on_time.clone(),
             corrections: self.corrections.clone(),
             last_correction_seq: self.last_correction_seq.clone(),
+            symbols: self.symbols.clone(),
             dedupe: self.dedupe.clone(),
             closed: self.closed.clone(),
             counters: self.counters,
@@ -549,6 +553,7 @@ impl Clone for PartitionState {
             on_time,
             corrections,
             last_correction_seq,
+            symbols,
             dedupe,
             closed,
             counters,
@@ -561,6 +566,7 @@ impl Clone for PartitionState {
         self.on_time.clone_from(on_time);
         self.corrections.clone_from(corrections);
         self.last_correction_seq.clone_from(last_correction_seq);
+        self.symbols.clone_from(symbols);
         self.dedupe.clone_from(dedupe);
         self.closed.clone_from(closed);
         self.counters = *counters;
@@ -585,6 +591,7 @@ impl PartitionState {
             on_time: BTreeMap::new(),
             corrections: BTreeMap::new(),
             last_correction_seq: BTreeMap::new(),
+            symbols: Symbols::default(),
             dedupe,
             closed: Vec::new(),
             counters: PartitionCounters::default(),
@@ -636,6 +643,9 @@ impl PartitionState {
         match classified {
             Classified::Counted { pane, .. } => {
                 self.counters.counted += 1;
+                if self.symbols.collection_due() {
+                    self.collect_symbols();
+                }
                 if pane == CountedAs::Correction {
                     self.counters.corrections += 1;
                 }
@@ -730,33 +740,33 @@ impl PartitionState {
             }
             CountedAs::Correction => self.corrections.entry(window.start_ms).or_default(),
         };
-        let lookup = EventPaneKey {
-            event: *event,
-            row_kind,
-        };
-        match panes.get_mut(&lookup as &dyn PaneKeyView) {
-            Some(acc) => {
-                if !acc.fits(&event.tokens) {
-                    return Classified::Rejected(RejectReason::PaneTokenLimit);
-                }
-                acc.add(offset, event);
+        let known = known_key(&self.symbols, event, row_kind);
+        if let Some(acc) = known.and_then(|key| panes.get_mut(&key)) {
+            if !acc.fits(&event.tokens) {
+                return Classified::Rejected(RejectReason::PaneTokenLimit);
             }
-            None => {
-                if !tokens_fit_alone(&event.tokens) {
-                    if panes.is_empty() {
-                        self.forget_empty_window(pane, window.start_ms);
-                    }
-                    return Classified::Rejected(RejectReason::PaneTokenLimit);
+            acc.add(offset, event);
+        } else {
+            if !tokens_fit_alone(&event.tokens) {
+                if panes.is_empty() {
+                    self.forget_empty_window(pane, window.start_ms);
                 }
-                let dims = Dims {
-                    tenant_id: event.tenant_id.to_owned(),
-                    model: event.model.to_owned(),
+                return Classified::Rejected(RejectReason::PaneTokenLimit);
+            }
+            let key = match known {
+                Some(key) => key,
+                None => PaneKey {
+                    tenant: self.symbols.intern(event.tenant_id),
+                    model: self.symbols.intern(event.model),
+                    partner: event
+                        .channel_partner
+                        .map_or(NO_PARTNER, |partner| self.symbols.intern(partner)),
+                    region: self.symbols.intern(event.region),
                     cloud: event.cloud,
-                    channel_partner: event.channel_partner.map(str::to_owned),
-                    region: event.region.to_owned(),
-                };
-                panes.insert((dims, row_kind), PaneAcc::first(offset, event));
-            }
+                    row_kind,
+                },
+            };
+            panes.insert(key, PaneAcc::first(offset, event));
         }
         self.dedupe
             .claim(event.event_id, window.end_ms, payload_fingerprint);
@@ -816,11 +826,10 @@ impl PartitionState {
             let panes = entry.remove();
             self.on_time_panes_hint = panes.len();
             self.closed.reserve(panes.len());
-            for ((dims, row_kind), acc) in panes {
+            for (key, acc) in panes {
                 self.closed.push(ClosedPane {
                     window: bounds,
-                    dims,
-                    row_kind,
+                    key,
                     correction_seq: 0,
                     acc,
                 });
@@ -836,22 +845,12 @@ impl PartitionState {
                 };
                 let sequences = self.last_correction_seq.entry(start_ms).or_default();
                 for (key, acc) in panes {
-                    let sequence = match sequences.get_mut(&key) {
-                        Some(sequence) => {
-                            *sequence += 1;
-                            *sequence
-                        }
-                        None => {
-                            sequences.insert(key.clone(), 1);
-                            1
-                        }
-                    };
-                    let (dims, row_kind) = key;
+                    let sequence = sequences.entry(key).or_insert(0);
+                    *sequence += 1;
                     self.closed.push(ClosedPane {
                         window: bounds,
-                        dims,
-                        row_kind,
-                        correction_seq: sequence,
+                        key,
+                        correction_seq: *sequence,
                         acc,
                     });
                 }
@@ -871,15 +870,61 @@ impl PartitionState {
 
         // No two panes closed in one step share (window, dims, row kind, sequence) (a
         // window is either on time or in corrections, and each holds one pane per key),
-        // so an unstable sort yields the one order there is.
-        self.closed[first_new..].sort_unstable_by(|a, b| {
-            (a.window.start_ms, &a.dims, a.row_kind, a.correction_seq).cmp(&(
-                b.window.start_ms,
-                &b.dims,
-                b.row_kind,
-                b.correction_seq,
-            ))
-        });
+        // so an unstable sort yields the one order there is: that of the strings, as
+        // `Dims` orders them. Many panes are sorted by the ranks of their symbols'
+        // texts (the same order, in integer comparisons), a few by the texts.
+        let step = &mut self.closed[first_new..];
+        if step.len() >= RANKED_SORT_MIN_PANES {
+            let ranks = self.symbols.ranks();
+            let rank = |sym: Sym| ranks.get(sym as usize).copied().unwrap_or(0);
+            step.sort_unstable_by_key(|pane| {
+                let key = &pane.key;
+                let partner = match key.partner {
+                    NO_PARTNER => 0,
+                    partner => u64::from(rank(partner)) + 1,
+                };
+                (
+                    pane.window.start_ms,
+                    rank(key.tenant),
+                    rank(key.model),
+                    key.cloud,
+                    partner,
+                    rank(key.region),
+                    key.row_kind,
+                    pane.correction_seq,
+                )
+            });
+        } else {
+            let symbols = &self.symbols;
+            step.sort_unstable_by(|a, b| {
+                a.window
+                    .start_ms
+                    .cmp(&b.window.start_ms)
+                    .then_with(|| cmp_dims(symbols, &a.key, &b.key))
+                    .then_with(|| a.key.row_kind.cmp(&b.key.row_kind))
+                    .then_with(|| a.correction_seq.cmp(&b.correction_seq))
+            });
+        }
+    }
+
+    /// Frees the symbols no key holds any more (see [`symbols`]).
+    fn collect_symbols(&mut self) {
+        let open = self
+            .on_time
+            .values()
+            .chain(self.corrections.values())
+            .flat_map(|panes| panes.keys());
+        let sequenced = self
+            .last_correction_seq
+            .values()
+            .flat_map(|sequences| sequences.keys());
+        let queued = self.closed.iter().map(|pane| &pane.key);
+        let live: Vec<Sym> = open
+            .chain(sequenced)
+            .chain(queued)
+            .flat_map(PaneKey::symbols)
+            .collect();
+        self.symbols.retain(live);
     }
 
     /// Prices and returns the rows of every pane closed since the last drain, in
@@ -903,15 +948,23 @@ impl PartitionState {
         contracts: &Contracts,
     ) -> Result<BillingAggregate, RowPricingError> {
         let time_ms = pane.window.start_ms;
-        let (price_book, model_price) = contracts.price_for(&pane.dims.model, time_ms)?;
-        let Some((share_rules, beneficiaries)) = contracts.shares_for(
-            pane.dims.cloud,
-            pane.dims.channel_partner.as_deref(),
-            time_ms,
-        ) else {
+        let key = &pane.key;
+        let symbols = &self.symbols;
+        let dims = Dims {
+            tenant_id: symbols.text(key.tenant).to_owned(),
+            model: symbols.text(key.model).to_owned(),
+            cloud: key.cloud,
+            channel_partner: (key.partner != NO_PARTNER)
+                .then(|| symbols.text(key.partner).to_owned()),
+            region: symbols.text(key.region).to_owned(),
+        };
+        let (price_book, model_price) = contracts.price_for(&dims.model, time_ms)?;
+        let Some((share_rules, beneficiaries)) =
+            contracts.shares_for(dims.cloud, dims.channel_partner.as_deref(), time_ms)
+        else {
             return Err(RowPricingError::NoShareRulesInForce { time_ms });
         };
-        let (gross_micros, shares, net_micros) = match pane.row_kind {
+        let (gross_micros, shares, net_micros) = match key.row_kind {
             RowKind::NonBillable => (0, Vec::new(), 0),
             RowKind::Billable => {
                 let exact = model_price.exact_gross(&pane.acc.tokens)?;
@@ -936,18 +989,18 @@ impl PartitionState {
             source_topic: &self.params.source_topic,
             source_partition: self.params.partition,
             window: pane.window,
-            dims: &pane.dims,
+            dims: &dims,
             price_book_version: price_book.version(),
             share_rule_version: share_rules.version(),
-            row_kind: pane.row_kind,
+            row_kind: key.row_kind,
             correction_seq: pane.correction_seq,
         });
         Ok(BillingAggregate {
             id,
             window_start_ms: pane.window.start_ms,
             window_end_ms: pane.window.end_ms,
-            dims: pane.dims.clone(),
-            row_kind: pane.row_kind,
+            dims,
+            row_kind: key.row_kind,
             correction_seq: pane.correction_seq,
             event_count: pane.acc.event_count,
             tokens: pane.acc.tokens,
@@ -1007,29 +1060,20 @@ impl PartitionState {
     /// Estimated heap bytes of the state (see the module docs): capacities, with hash
     /// tables at their bucket count (slot + control byte each), B-tree entries counted
     /// at twice their size (nodes filled in key order run about half full) and each
-    /// string at its allocator chunk.
+    /// interned string at its allocator chunk.
     pub fn approx_state_bytes(&self) -> usize {
         let pane_slot = size_of::<(PaneKey, PaneAcc)>() + 1;
         let window_entry = (size_of::<i64>() + size_of::<Panes>()) * 2;
-        let mut bytes = self.dedupe.approx_bytes();
+        let mut bytes = self.dedupe.approx_bytes() + self.symbols.approx_bytes();
         for panes in self.on_time.values().chain(self.corrections.values()) {
             bytes += window_entry + hash_buckets_for_capacity(panes.capacity()) * pane_slot;
-            for (dims, _) in panes.keys() {
-                bytes += dims_heap_bytes(dims);
-            }
         }
-        let seq_window_entry = (size_of::<i64>() + size_of::<BTreeMap<PaneKey, u32>>()) * 2;
-        let seq_entry = (size_of::<PaneKey>() + size_of::<u32>()) * 2;
+        let seq_window_entry = (size_of::<i64>() + size_of::<Sequences>()) * 2;
+        let seq_slot = size_of::<(PaneKey, u32)>() + 1;
         for sequences in self.last_correction_seq.values() {
-            bytes += seq_window_entry;
-            for (dims, _) in sequences.keys() {
-                bytes += seq_entry + dims_heap_bytes(dims);
-            }
+            bytes += seq_window_entry + hash_buckets_for_capacity(sequences.capacity()) * seq_slot;
         }
         bytes += self.closed.capacity() * size_of::<ClosedPane>();
-        for pane in &self.closed {
-            bytes += dims_heap_bytes(&pane.dims);
-        }
         bytes
     }
 }
@@ -1043,37 +1087,32 @@ fn allocation_bytes(capacity: usize) -> usize {
     (capacity + 8).next_multiple_of(16).max(32)
 }
 
-fn dims_heap_bytes(dims: &Dims) -> usize {
-    allocation_bytes(dims.tenant_id.capacity())
-        + allocation_bytes(dims.model.capacity())
-        + allocation_bytes(dims.region.capacity())
-        + dims
-            .channel_partner
-            .as_ref()
-            .map_or(0, |partner| allocation_bytes(partner.capacity()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn key(
-        tenant: &str,
-        model: &str,
-        partner: Option<&str>,
-        region: &str,
-        kind: RowKind,
-    ) -> PaneKey {
-        (
-            Dims {
-                tenant_id: tenant.to_owned(),
-                model: model.to_owned(),
-                cloud: Cloud::Aws,
-                channel_partner: partner.map(str::to_owned),
-                region: region.to_owned(),
-            },
-            kind,
-        )
+    fn dims(tenant: &str, model: &str, cloud: Cloud, partner: Option<&str>, region: &str) -> Dims {
+        Dims {
+            tenant_id: tenant.to_owned(),
+            model: model.to_owned(),
+            cloud,
+            channel_partner: partner.map(str::to_owned),
+            region: region.to_owned(),
+        }
+    }
+
+    fn intern(symbols: &mut Symbols, dims: &Dims, row_kind: RowKind) -> PaneKey {
+        PaneKey {
+            tenant: symbols.intern(&dims.tenant_id),
+            model: symbols.intern(&dims.model),
+            partner: dims
+                .channel_partner
+                .as_deref()
+                .map_or(NO_PARTNER, |partner| symbols.intern(partner)),
+            region: symbols.intern(&dims.region),
+            cloud: dims.cloud,
+            row_kind,
+        }
     }
 
     const CONTRACTS: &str = r#"
@@ -1177,55 +1216,109 @@ effective_from = "2025-01-01T00:00:00Z"
     }
 
     #[test]
-    fn borrowed_pane_key_orders_and_hashes_like_the_owned_key() {
-        let keys = [
-            key("a", "m", None, "r", RowKind::Billable),
-            key("a", "m", None, "r", RowKind::NonBillable),
-            key("a", "m", Some("p"), "r", RowKind::Billable),
-            key("a", "m", Some("p"), "q", RowKind::Billable),
-            key("a", "n", None, "r", RowKind::Billable),
-            key("ab", "m", None, "r", RowKind::Billable),
-            key("b", "", None, "", RowKind::Billable),
+    fn symbol_keys_sort_like_their_dims_strings_both_ways() {
+        let all = [
+            dims("a", "m", Cloud::Aws, None, "r"),
+            dims("a", "m", Cloud::Aws, Some("p"), "r"),
+            dims("a", "m", Cloud::Aws, Some("p"), "q"),
+            dims("a", "m", Cloud::Gcp, None, "r"),
+            dims("a", "m", Cloud::Azure, Some(""), "r"),
+            dims("a", "n", Cloud::Aws, None, "r"),
+            dims("ab", "m", Cloud::Aws, None, "r"),
+            dims("b", "", Cloud::Aws, None, ""),
+            dims("é", "m", Cloud::Aws, Some("r"), "a"),
+            dims("m", "a", Cloud::Aws, Some("b"), "é"),
         ];
-        for left in &keys {
-            for right in &keys {
-                let borrowed_left: &dyn PaneKeyView = left;
-                let borrowed_right: &dyn PaneKeyView = right;
-                assert_eq!(left.cmp(right), borrowed_left.cmp(borrowed_right));
-                assert_eq!(left == right, borrowed_left == borrowed_right);
+        let mut symbols = Symbols::default();
+        // Intern in an order unrelated to the texts' order.
+        let mut keys = Vec::new();
+        for dims in all.iter().rev() {
+            for row_kind in [RowKind::NonBillable, RowKind::Billable] {
+                keys.push((dims, row_kind, intern(&mut symbols, dims, row_kind)));
             }
         }
-        use std::hash::BuildHasher;
-        let hasher = std::hash::RandomState::new();
-        let tree: BTreeMap<PaneKey, usize> = keys.iter().cloned().zip(0..).collect();
-        let table: HashMap<PaneKey, usize> = keys.iter().cloned().zip(0..).collect();
-        for (index, owned) in keys.iter().enumerate() {
-            let borrowed: &dyn PaneKeyView = owned;
-            assert_eq!(hasher.hash_one(owned), hasher.hash_one(borrowed));
-            assert_eq!(tree.get(borrowed), Some(&index));
-            assert_eq!(table.get(borrowed), Some(&index));
-            let (dims, row_kind) = owned;
-            let event = UsageEvent {
-                event_id: crate::event::EventId(1),
-                request_id: "req".to_owned(),
-                occurred_at_ms: 0,
-                tenant_id: dims.tenant_id.clone(),
-                model: dims.model.clone(),
-                cloud: dims.cloud,
-                channel_partner: dims.channel_partner.clone(),
-                region: dims.region.clone(),
-                tokens: TokenCounts::default(),
-                status: RequestStatus::Succeeded,
-                attributes: Default::default(),
-                service_tier: None,
-            };
-            let from_event = EventPaneKey {
-                event: EventFields::from(&event),
-                row_kind: *row_kind,
-            };
-            let from_event: &dyn PaneKeyView = &from_event;
-            assert_eq!(hasher.hash_one(owned), hasher.hash_one(from_event));
-            assert_eq!(table.get(from_event), Some(&index));
+        let acc = PaneAcc::first(0, &EventFields::from(&usage(1, "t", 0)));
+        let mut expected = keys.clone();
+        expected.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let expected: Vec<PaneKey> = expected.iter().map(|(_, _, key)| *key).collect();
+        for (left_dims, left_kind, left) in &keys {
+            for (right_dims, right_kind, right) in &keys {
+                assert_eq!(
+                    cmp_dims(&symbols, left, right).then(left_kind.cmp(right_kind)),
+                    (left_dims, left_kind).cmp(&(right_dims, right_kind))
+                );
+                assert_eq!(
+                    left == right,
+                    (left_dims, left_kind) == (right_dims, right_kind)
+                );
+            }
         }
+        // Both sorts of `advance_watermark`: by texts (few panes), by ranks (many).
+        for windows in [1, RANKED_SORT_MIN_PANES.div_ceil(keys.len())] {
+            let mut state = PartitionState::new(params()).expect("valid params");
+            state.symbols = symbols.clone();
+            for index in (0..windows).rev() {
+                let start_ms = i64::try_from(index).expect("small") * 60_000;
+                let panes = keys.iter().map(|(_, _, key)| (*key, acc.clone())).collect();
+                state.on_time.insert(start_ms, panes);
+            }
+            state.on_tick(T0);
+            let sorted: Vec<(i64, PaneKey)> = state
+                .closed
+                .iter()
+                .map(|pane| (pane.window.start_ms, pane.key))
+                .collect();
+            let expected: Vec<(i64, PaneKey)> = (0..windows)
+                .flat_map(|index| {
+                    let start_ms = i64::try_from(index).expect("small") * 60_000;
+                    expected.iter().map(move |key| (start_ms, *key))
+                })
+                .collect();
+            assert_eq!(sorted, expected, "{windows} windows");
+        }
+    }
+
+    #[test]
+    fn collecting_symbols_at_any_point_changes_no_row() {
+        let contracts =
+            Contracts::load(CONTRACTS, WindowSize::ONE_MINUTE).expect("test contracts load");
+        let mut plain = PartitionState::new(params()).expect("valid params");
+        let mut collecting = plain.clone();
+        let mut rows = [Vec::new(), Vec::new()];
+        for id in 0..2_000u128 {
+            let step = i64::try_from(id).expect("small");
+            // Mostly forward in time, every seventh event 70 s back (a correction once
+            // its window closed), tenants and regions churning.
+            let time = T0 + step * 700 - if id % 7 == 0 { 70_000 } else { 0 };
+            let mut event = usage(id, &format!("t{}", (id * 31) % 97), time);
+            event.region = format!("r{}", id / 150);
+            if id % 5 == 0 {
+                event.channel_partner = Some(format!("p{}", id % 3));
+            }
+            let print = crate::dedupe::payload_fingerprint(&event);
+            let offset = step;
+            let decided = [
+                plain.on_event(offset, &event, print, &contracts),
+                collecting.on_event(offset, &event, print, &contracts),
+            ];
+            assert_eq!(decided[0], decided[1]);
+            collecting.collect_symbols();
+            if id % 100 == 0 {
+                for (state, rows) in [&mut plain, &mut collecting].into_iter().zip(&mut rows) {
+                    rows.extend(state.drain_closed(&contracts).expect("rows price"));
+                }
+                collecting.collect_symbols();
+            }
+        }
+        for (state, rows) in [&mut plain, &mut collecting].into_iter().zip(&mut rows) {
+            state.on_tick(T0 + 3_600_000);
+            rows.extend(state.drain_closed(&contracts).expect("rows price"));
+        }
+        assert!(rows[0].iter().any(|row| row.correction_seq > 0));
+        assert!(rows[0].iter().any(|row| row.dims.channel_partner.is_some()));
+        assert_eq!(rows[0], rows[1]);
+        collecting.collect_symbols();
+        assert!(collecting.symbols.len() < plain.symbols.len());
+        assert_eq!(collecting.symbols.len(), 0);
     }
 }
