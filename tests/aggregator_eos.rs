@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use support::TestTopics;
 use support::eos::{
-    EventTime, GeneratedInput, committed_offset_sum, create_outputs, create_topics, fresh_outputs,
-    produce_generated, verify_against_truth,
+    EventTime, GeneratedInput, ProducerTuning, committed_offset_sum, create_outputs, create_topics,
+    fresh_outputs, produce_generated, produce_generated_with, verify_against_truth,
 };
 use support::{bootstrap, rand_name};
 use tally_aggregator::{AggregatorError, AggregatorSettings, ExitReason, RunSummary, StartFrom};
@@ -91,6 +91,17 @@ fn produce_input(count: u64, seed: u64) -> GeneratedInput {
         &rand_name("agg-test-events"),
         EVENT_TIME.generator(count, seed, PARTITIONS),
         true,
+    )
+}
+
+/// [`produce_input`] in record batches of at most 50 records, so that
+/// [`slow_fetches`] can slow a consumer down (a fetch never splits a batch).
+fn produce_input_in_small_batches(count: u64, seed: u64) -> GeneratedInput {
+    produce_generated_with(
+        &rand_name("agg-test-events"),
+        EVENT_TIME.generator(count, seed, PARTITIONS),
+        true,
+        ProducerTuning::batches(50),
     )
 }
 
@@ -195,12 +206,16 @@ fn run_aggregator_until_committed(
     handle.join().expect("aggregator thread panicked")
 }
 
-/// Small fetches: the aggregator then takes seconds over the input, so stops and aborts
-/// land in the middle of it.
+/// Small fetches, and a 1 ms pause before a partition is fetched again while its
+/// prefetch queue holds anything: over input in small record batches the aggregator
+/// then takes seconds over 20 000 records, so stops and aborts land in the
+/// middle of it.
 fn slow_fetches(settings: &mut AggregatorSettings) {
     let client = &mut settings.config.kafka.client;
     client.insert("max.partition.fetch.bytes".to_owned(), "4096".to_owned());
     client.insert("fetch.wait.max.ms".to_owned(), "20".to_owned());
+    client.insert("queued.min.messages".to_owned(), "1".to_owned());
+    client.insert("fetch.queue.backoff.ms".to_owned(), "1".to_owned());
 }
 
 #[test]
@@ -220,7 +235,7 @@ fn aggregates_equal_ground_truth_and_counters_conserve() {
 
 #[test]
 fn aborted_transactions_and_restarts_change_nothing() {
-    let input = produce_input(20_000, 11);
+    let input = produce_input_in_small_batches(20_000, 11);
     eprintln!("input: {}", input.describe());
 
     // Uninterrupted reference run.
@@ -275,6 +290,10 @@ fn aborted_transactions_and_restarts_change_nothing() {
         ));
     }
     eprintln!("committed offsets after each stop: {committed_offsets:?}");
+    assert!(
+        committed_offsets[0] < total,
+        "the first stop landed in the middle of the input: {committed_offsets:?} of {total}"
+    );
     let mut last = base.clone();
     // Committed offsets win: no start position is needed any more.
     last.start_from = None;
