@@ -864,6 +864,46 @@ fn metrics_endpoint_reports_the_run() {
         truth.total_counted_sums().input_tokens as f64,
         "input tokens"
     );
+    // Revenue by cloud and partner shares by (cloud, beneficiary) equal the rows'.
+    let mut gross_by_cloud: BTreeMap<String, i64> = BTreeMap::new();
+    let mut shares: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for record in &rows {
+        let row = decode_aggregate(&record.value).expect("row");
+        let cloud = row.dims.cloud.as_str().to_owned();
+        *gross_by_cloud.entry(cloud.clone()).or_default() += row.gross_micros;
+        for share in &row.shares {
+            *shares
+                .entry((cloud.clone(), share.beneficiary.clone()))
+                .or_default() += share.amount_micros;
+        }
+    }
+    assert!(
+        !shares.is_empty(),
+        "the run priced rows with partner shares"
+    );
+    for (cloud, gross) in &gross_by_cloud {
+        assert_eq!(
+            exposition.sum_where("tally_aggregator_gross_micros_total", "cloud", cloud),
+            *gross as f64,
+            "gross micros of {cloud}"
+        );
+    }
+    let scraped_shares: BTreeMap<(String, String), i64> = exposition
+        .samples_named("tally_aggregator_partner_share_micros_total")
+        .map(|sample| {
+            (
+                (
+                    sample.labels["cloud"].clone(),
+                    sample.labels["partner"].clone(),
+                ),
+                sample.value as i64,
+            )
+        })
+        .collect();
+    assert_eq!(
+        scraped_shares, shares,
+        "partner shares by cloud and partner"
+    );
     assert_eq!(metric(&exposition, "tally_aggregator_open_windows"), 0.0);
     assert!(
         metric(

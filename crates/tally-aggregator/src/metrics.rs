@@ -2,7 +2,8 @@
 //!
 //! Names follow `tally_aggregator_<name>_<unit>[_total]`. Labels come from small fixed
 //! sets: `reason` (decode reasons, `misrouted`, the state machine's reasons), `kind`,
-//! `cloud` (the schema's symbols), `partition` (bounded by the partition count). Record
+//! `cloud` (the schema's symbols), `partner` (the beneficiaries the contracts file
+//! names), `partition` (bounded by the partition count). Record
 //! counters are updated once per committed transaction from the committed counter
 //! deltas, so they count committed work only (aborted work is not double counted) and
 //! the hot path never calls a labelled macro.
@@ -53,6 +54,9 @@ pub const RESTORED_RECORDS: &str = "tally_aggregator_restored_records_total";
 pub const TOKENS: &str = "tally_aggregator_tokens_total";
 /// Gross revenue in committed billing rows, micro-units of the currency, by `cloud`.
 pub const GROSS_MICROS: &str = "tally_aggregator_gross_micros_total";
+/// Revenue shares in committed billing rows, micro-units, by `cloud` and `partner` (the
+/// beneficiary named by the contracts file, so the label set is the contracts').
+pub const PARTNER_SHARE_MICROS: &str = "tally_aggregator_partner_share_micros_total";
 /// The aggregator stopped because the same input kept aborting its transaction.
 pub const ABORT_LOOPS: &str = "tally_aggregator_abort_loops_total";
 
@@ -156,6 +160,11 @@ pub fn describe() {
         "Gross revenue in committed billing rows, micro-units, by cloud."
     );
     describe_counter!(
+        PARTNER_SHARE_MICROS,
+        Unit::Count,
+        "Revenue shares in committed billing rows, micro-units, by cloud and beneficiary partner."
+    );
+    describe_counter!(
         FATAL_RESTARTS,
         Unit::Count,
         "Restarts from the committed state after a fatal Kafka error."
@@ -172,6 +181,8 @@ pub fn describe() {
 pub(crate) struct PendingTotals {
     /// Per cloud index: input, cached input, output, reasoning tokens; gross micros.
     by_cloud: BTreeMap<u32, ([u64; 4], i64)>,
+    /// Per cloud index and beneficiary: share micros.
+    shares: BTreeMap<(u32, String), i64>,
     /// Rejected records by reason.
     rejected: BTreeMap<&'static str, u64>,
     rows: u64,
@@ -192,6 +203,11 @@ impl PendingTotals {
             *sum = sum.saturating_add(add);
         }
         entry.1 = entry.1.saturating_add(row.gross_micros);
+        for share in &row.shares {
+            let key = (row.dims.cloud.index(), share.beneficiary.clone());
+            let sum = self.shares.entry(key).or_default();
+            *sum = sum.saturating_add(share.amount_micros);
+        }
     }
 
     pub(crate) fn add_rejected(&mut self, reason: &'static str) {
@@ -226,6 +242,11 @@ impl PendingTotals {
                 counter!(TOKENS, "cloud" => cloud, "kind" => kind).increment(*count);
             }
             counter!(GROSS_MICROS, "cloud" => cloud).increment(u64::try_from(*gross).unwrap_or(0));
+        }
+        for ((cloud_index, partner), micros) in &self.shares {
+            let cloud = Cloud::from_index(*cloud_index).map_or("unknown", Cloud::as_str);
+            counter!(PARTNER_SHARE_MICROS, "cloud" => cloud, "partner" => partner.clone())
+                .increment(u64::try_from(*micros).unwrap_or(0));
         }
     }
 }
