@@ -17,7 +17,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
@@ -504,7 +504,37 @@ pub fn committed_offsets_within(
     for partition in 0..partitions {
         query.add_partition(topic, partition);
     }
-    consumer.committed_offsets(query, timeout)
+    committed_offsets_retrying(&consumer, &query, timeout)
+}
+
+/// `committed_offsets`, retried while the group's coordinator is moving or loading
+/// (right after the broker starts, `__consumer_offsets` is still being created), up to
+/// `timeout` in all.
+pub fn committed_offsets_retrying(
+    consumer: &BaseConsumer,
+    query: &TopicPartitionList,
+    timeout: Duration,
+) -> KafkaResult<TopicPartitionList> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match consumer.committed_offsets(query.clone(), left) {
+            Err(error)
+                if Instant::now() < deadline
+                    && matches!(
+                        error.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::NotCoordinator
+                                | RDKafkaErrorCode::CoordinatorLoadInProgress
+                                | RDKafkaErrorCode::CoordinatorNotAvailable
+                        )
+                    ) =>
+            {
+                thread::sleep(Duration::from_millis(100));
+            }
+            result => return result,
+        }
+    }
 }
 
 fn committed_elements(

@@ -30,9 +30,9 @@ use tally_producer::GroundTruth;
 
 use super::TestTopics;
 use super::eos::{
-    DimsKey, EventTime, ProducerTuning, ReadRecord, Sums, add_counters, committed_offsets_within,
-    kafka_client, produce_generated_with, read_committed, row_dims_key, to_read_record,
-    topic_reader, truth_dims_key,
+    DimsKey, EventTime, ProducerTuning, ReadRecord, Sums, add_counters, committed_offsets_retrying,
+    committed_offsets_within, kafka_client, produce_generated_with, read_committed, row_dims_key,
+    to_read_record, topic_reader, truth_dims_key,
 };
 
 /// Partitions of every topic of a kill test.
@@ -127,9 +127,7 @@ impl OffsetProbe {
         for partition in 0..PARTITIONS {
             query.add_partition(&self.topic, partition);
         }
-        let committed = self
-            .consumer
-            .committed_offsets(query, Duration::from_secs(30))
+        let committed = committed_offsets_retrying(&self.consumer, &query, Duration::from_secs(30))
             .expect("committed offsets");
         committed
             .elements()
