@@ -62,6 +62,46 @@
 //! replaces the live state with it and seeks the consumer to the committed offsets;
 //! since state is a function of the records up to an offset, the two agree.
 //!
+//! # Bounded restore
+//! The aggregator keeps no copy of this state: after a crash, a rebalance or an abort
+//! it rebuilds a partition's state by re-reading its input from a low-water offset `L`
+//! up to the committed offset `C`. [`PartitionState::low_water`] gives `L` and the
+//! [`Clock`] just before it (watermark, largest counted event time, last tick time);
+//! [`PartitionState::resume`] starts a state at that clock, the records of `[L, C)`
+//! are fed to it, and [`PartitionState::finish_restore`] takes the committed counters
+//! and compares the rebuilt state's [`StateDigest`] with the committed one. The cost of
+//! a restore is the live state's worth of input, not the partition's history.
+//!
+//! Let `F = max(dedupe_horizon, allowed_lateness + correction_horizon + W)`. Once the
+//! watermark passes a window's `end + F`, nothing of the window is left: its ids
+//! expired, its on-time panes closed, and a boundary crossing after `end + L + C` closed
+//! its correction panes and dropped its correction sequences. Each window with live
+//! state is *marked* with the offset of its first counted event and the clock before
+//! it; the mark is forgotten at `end + F`. `L` is the smallest marked offset. Why
+//! re-reading `[L, C)` rebuilds exactly the live state at `C`:
+//! - windows whose first counted event lies at or after `L` (every window live at `C`)
+//!   see all their records again, under the same watermark trajectory, so every
+//!   classification, pane, correction sequence and remembered id is rebuilt;
+//! - a window *straddling* `L` (counted events before it) is not live at `C`, so its
+//!   rebuilt panes and rows are dropped by `C`. Its records after `L` can be decided
+//!   differently only as duplicates of originals before `L`: an exact copy has its
+//!   original's event time, not above the clock's largest counted event time, so
+//!   counting it moves no watermark;
+//! - a *conflicting* duplicate of an original before `L` could carry any event time
+//!   and would be counted by the restore, moving the watermark. So each conflicting
+//!   duplicate *pins* the oldest mark at its offset for as long as its own window is
+//!   live; `L` is lowered until no pinned duplicate at or after `L` has its original
+//!   before `L`. After its own window is forgotten the pin is not needed: a wrongly
+//!   raised watermark only ever affects windows up to the duplicate's own.
+//! - too-late and rejected records depend only on the watermark and the record.
+//!
+//! The one case the argument does not cover is `pane_token_limit` (a pane within 2⁴⁰
+//! tokens of overflowing) in a window straddling `L` that also received exact copies of
+//! events before `L`: the restore could decide one event differently. The committed
+//! digest catches it, and the restore refuses rather than bill from another state.
+//! `tests/pipeline_props.rs` restores at every commit point of arbitrary inputs and
+//! checks the digest and every later decision and row.
+//!
 //! # Memory
 //! [`PartitionState::approx_state_bytes`] estimates heap bytes from capacities: the
 //! dedupe set (see [`crate::dedupe`]), each open pane (key and accumulator in its
@@ -285,6 +325,50 @@ impl PartitionCounters {
     }
 }
 
+/// The partition's event-time clock at one offset: besides the live windows, all that
+/// classification at that offset depends on (see "Bounded restore" in the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Clock {
+    /// The watermark, `None` before the first counted event or tick.
+    pub watermark_ms: Option<i64>,
+    /// The largest counted event time.
+    pub max_event_time_ms: Option<i64>,
+    /// The largest tick time read.
+    pub last_tick_ms: Option<i64>,
+}
+
+/// Where a restore may start: the offset `L` and the partition's clock just before the
+/// record at `L` was read. Re-reading `[L, C)` from a state resumed at this clock gives
+/// the live state at `C` (see "Bounded restore" in the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LowWater {
+    /// First offset to re-read.
+    pub offset: i64,
+    /// The clock before that offset.
+    pub clock: Clock,
+}
+
+/// A check of the live state, committed with each checkpoint and compared after a
+/// restore: the clock, the sizes of every part of the state, and an order-independent
+/// hash of the open panes (window, offsets, counts, token sums), the correction
+/// sequences and the window marks. Stable across releases (its hash is defined here,
+/// not by a hashing crate), because it is persisted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct StateDigest {
+    /// The clock.
+    pub clock: Clock,
+    /// Remembered event ids.
+    pub remembered_ids: u64,
+    /// Open on-time and correction panes.
+    pub open_panes: u64,
+    /// Keys whose last correction sequence is kept.
+    pub correction_keys: u64,
+    /// Windows with live state (see [`PartitionState::low_water`]).
+    pub live_windows: u64,
+    /// Wrapping sum of a 64-bit mix of every pane, sequence and window mark.
+    pub content: u64,
+}
+
 /// Why closed rows could not be priced (only possible when `drain_closed` is given
 /// contracts other than those the events were classified with).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -506,6 +590,20 @@ pub struct PartitionState {
     too_late_after_ms: i64,
     max_event_time_ms: Option<i64>,
     watermark_ms: Option<i64>,
+    last_tick_ms: Option<i64>,
+    /// `max(dedupe_horizon, allowed_lateness + correction_horizon + window)`: once the
+    /// watermark passes a window's end + this, nothing of the window is left (ids
+    /// expired, panes closed, correction sequences dropped).
+    forget_after_ms: i64,
+    /// Every window with live state, by window start: the offset of its first counted
+    /// event and the clock before it (the candidates for the low-water offset).
+    marks: BTreeMap<i64, LowWater>,
+    /// The start of the window marked last (skips the map lookup for runs of events
+    /// in one window; no effect on decisions).
+    last_marked_window_ms: i64,
+    /// Conflicting duplicates that a restore must not re-read without their original,
+    /// by (end of the duplicate's own window, its offset): the low water at the time.
+    pins: BTreeMap<(i64, i64), LowWater>,
     /// On-time panes of open windows, by window start.
     on_time: BTreeMap<i64, Panes>,
     /// Open correction panes of closed windows, by window start.
@@ -532,6 +630,11 @@ impl Clone for PartitionState {
             too_late_after_ms: self.too_late_after_ms,
             max_event_time_ms: self.max_event_time_ms,
             watermark_ms: self.watermark_ms,
+            last_tick_ms: self.last_tick_ms,
+            forget_after_ms: self.forget_after_ms,
+            marks: self.marks.clone(),
+            last_marked_window_ms: self.last_marked_window_ms,
+            pins: self.pins.clone(),
             on_time: self.on_time.clone(),
             corrections: self.corrections.clone(),
             last_correction_seq: self.last_correction_seq.clone(),
@@ -550,6 +653,11 @@ impl Clone for PartitionState {
             too_late_after_ms,
             max_event_time_ms,
             watermark_ms,
+            last_tick_ms,
+            forget_after_ms,
+            marks,
+            last_marked_window_ms,
+            pins,
             on_time,
             corrections,
             last_correction_seq,
@@ -563,6 +671,11 @@ impl Clone for PartitionState {
         self.too_late_after_ms = *too_late_after_ms;
         self.max_event_time_ms = *max_event_time_ms;
         self.watermark_ms = *watermark_ms;
+        self.last_tick_ms = *last_tick_ms;
+        self.forget_after_ms = *forget_after_ms;
+        self.marks.clone_from(marks);
+        self.last_marked_window_ms = *last_marked_window_ms;
+        self.pins.clone_from(pins);
         self.on_time.clone_from(on_time);
         self.corrections.clone_from(corrections);
         self.last_correction_seq.clone_from(last_correction_seq);
@@ -582,12 +695,21 @@ impl PartitionState {
             .allowed_lateness_ms
             .checked_add(params.correction_horizon_ms)
             .ok_or(ParamsError::HorizonOverflow)?;
+        let forget_after_ms = too_late_after_ms
+            .checked_add(params.window.as_ms())
+            .ok_or(ParamsError::HorizonOverflow)?
+            .max(params.dedupe_horizon_ms);
         let dedupe = DedupeSet::new(params.dedupe_horizon_ms);
         Ok(PartitionState {
             params,
             too_late_after_ms,
             max_event_time_ms: None,
             watermark_ms: None,
+            last_tick_ms: None,
+            forget_after_ms,
+            marks: BTreeMap::new(),
+            last_marked_window_ms: i64::MIN,
+            pins: BTreeMap::new(),
             on_time: BTreeMap::new(),
             corrections: BTreeMap::new(),
             last_correction_seq: BTreeMap::new(),
@@ -727,7 +849,10 @@ impl PartitionState {
         match self.dedupe.lookup(event.event_id, payload_fingerprint) {
             Claim::New => {}
             Claim::Duplicate => return Classified::Duplicate,
-            Claim::ConflictingDuplicate => return Classified::ConflictingDuplicate,
+            Claim::ConflictingDuplicate => {
+                self.pin(window.end_ms, offset);
+                return Classified::ConflictingDuplicate;
+            }
         }
 
         // 4. Counted: claim the id and add to the pane in one step.
@@ -770,7 +895,39 @@ impl PartitionState {
         }
         self.dedupe
             .claim(event.event_id, window.end_ms, payload_fingerprint);
+        if window.start_ms != self.last_marked_window_ms {
+            self.mark(window.start_ms, offset);
+        }
         Classified::Counted { pane, row_kind }
+    }
+
+    /// The clock now (before the record being classified changes it).
+    pub fn clock(&self) -> Clock {
+        Clock {
+            watermark_ms: self.watermark_ms,
+            max_event_time_ms: self.max_event_time_ms,
+            last_tick_ms: self.last_tick_ms,
+        }
+    }
+
+    /// Records the first counted event of a window that has no live state yet.
+    fn mark(&mut self, window_start_ms: i64, offset: i64) {
+        let clock = self.clock();
+        self.marks
+            .entry(window_start_ms)
+            .or_insert(LowWater { offset, clock });
+        self.last_marked_window_ms = window_start_ms;
+    }
+
+    /// Pins the current low water of the windows for a conflicting duplicate at
+    /// `offset` whose own window ends at `window_end_ms`.
+    fn pin(&mut self, window_end_ms: i64, offset: i64) {
+        // The original is remembered, so its window is marked: the oldest mark is at or
+        // before the original's offset.
+        if let Some(oldest) = self.marks.values().min_by_key(|mark| mark.offset) {
+            let oldest = *oldest;
+            self.pins.insert((window_end_ms, offset), oldest);
+        }
     }
 
     fn forget_empty_window(&mut self, pane: CountedAs, window_start_ms: i64) {
@@ -787,6 +944,10 @@ impl PartitionState {
     /// closes every open correction pane.
     pub fn on_tick(&mut self, tick_time_ms: i64) {
         self.counters.ticks += 1;
+        self.last_tick_ms = Some(
+            self.last_tick_ms
+                .map_or(tick_time_ms, |last| last.max(tick_time_ms)),
+        );
         self.advance_watermark(tick_time_ms, true);
     }
 
@@ -867,6 +1028,7 @@ impl PartitionState {
         }
 
         self.dedupe.expire(new);
+        self.forget_windows(new);
 
         // No two panes closed in one step share (window, dims, row kind, sequence) (a
         // window is either on time or in corrections, and each holds one pane per key),
@@ -904,6 +1066,30 @@ impl PartitionState {
                     .then_with(|| a.key.row_kind.cmp(&b.key.row_kind))
                     .then_with(|| a.correction_seq.cmp(&b.correction_seq))
             });
+        }
+    }
+
+    /// Forgets the marks of windows with nothing left at `watermark_ms`, and the pins
+    /// of conflicting duplicates whose own window has nothing left.
+    fn forget_windows(&mut self, watermark_ms: i64) {
+        let window_ms = self.params.window.as_ms();
+        let forget_after_ms = self.forget_after_ms;
+        let gone =
+            |window_end_ms: i64| window_end_ms.saturating_add(forget_after_ms) <= watermark_ms;
+        while let Some(entry) = self.marks.first_entry() {
+            if !gone(entry.key().saturating_add(window_ms)) {
+                break;
+            }
+            debug_assert!(!self.on_time.contains_key(entry.key()));
+            debug_assert!(!self.corrections.contains_key(entry.key()));
+            debug_assert!(!self.last_correction_seq.contains_key(entry.key()));
+            entry.remove();
+        }
+        while let Some(entry) = self.pins.first_entry() {
+            if !gone(entry.key().0) {
+                break;
+            }
+            entry.remove();
         }
     }
 
@@ -1024,6 +1210,118 @@ impl PartitionState {
         self.watermark_ms
     }
 
+    /// The low-water offset for a checkpoint at `next_offset` (the committed offset):
+    /// the first offset a restore must re-read, with the clock before it. It is the
+    /// first counted offset of the oldest window that still has live state, lowered to
+    /// the pinned low water of every conflicting duplicate at or after it whose window
+    /// is still live; `next_offset` itself when nothing is live. Never decreases from
+    /// one checkpoint to the next. See "Bounded restore" in the module docs.
+    pub fn low_water(&self, next_offset: i64) -> LowWater {
+        let mut low = LowWater {
+            offset: next_offset,
+            clock: self.clock(),
+        };
+        for mark in self.marks.values() {
+            if mark.offset < low.offset {
+                low = *mark;
+            }
+        }
+        loop {
+            let mut lowered = false;
+            for (&(_, anchor), pinned) in &self.pins {
+                if anchor >= low.offset && pinned.offset < low.offset {
+                    low = *pinned;
+                    lowered = true;
+                }
+            }
+            if !lowered {
+                return low;
+            }
+        }
+    }
+
+    /// The check of the live state committed with a checkpoint (see [`StateDigest`]).
+    /// O(open panes + live windows).
+    pub fn digest(&self) -> StateDigest {
+        let mut content = 0u64;
+        for (tag, windows) in [(1u64, &self.on_time), (2, &self.corrections)] {
+            for (&start_ms, panes) in windows {
+                for (key, acc) in panes {
+                    let parts = [
+                        tag,
+                        start_ms as u64,
+                        key.cloud as u64 | (key.row_kind as u64) << 8,
+                        acc.event_count,
+                        acc.first_offset as u64,
+                        acc.last_offset as u64,
+                        acc.first_event_time_ms as u64,
+                        acc.last_event_time_ms as u64,
+                        acc.tokens.input,
+                        acc.tokens.cached_input,
+                        acc.tokens.output,
+                        acc.tokens.reasoning,
+                    ];
+                    content = content.wrapping_add(mix_all(&parts));
+                }
+            }
+        }
+        for (&start_ms, sequences) in &self.last_correction_seq {
+            for (key, &sequence) in sequences {
+                let parts = [
+                    3,
+                    start_ms as u64,
+                    key.cloud as u64 | (key.row_kind as u64) << 8,
+                    u64::from(sequence),
+                ];
+                content = content.wrapping_add(mix_all(&parts));
+            }
+        }
+        for (&start_ms, mark) in &self.marks {
+            let parts = [4, start_ms as u64, mark.offset as u64];
+            content = content.wrapping_add(mix_all(&parts));
+        }
+        let correction_keys: usize = self.last_correction_seq.values().map(HashMap::len).sum();
+        StateDigest {
+            clock: self.clock(),
+            remembered_ids: self.dedupe.len() as u64,
+            open_panes: self.open_panes() as u64,
+            correction_keys: correction_keys as u64,
+            live_windows: self.marks.len() as u64,
+            content,
+        }
+    }
+
+    /// A state to restore into: nothing live, the clock of a [`LowWater`], and counters
+    /// at 0. Feed it the records from the low-water offset up to the committed offset,
+    /// then call [`PartitionState::finish_restore`].
+    pub fn resume(params: PartitionParams, clock: Clock) -> Result<PartitionState, ParamsError> {
+        let mut state = PartitionState::new(params)?;
+        state.watermark_ms = clock.watermark_ms;
+        state.max_event_time_ms = clock.max_event_time_ms;
+        state.last_tick_ms = clock.last_tick_ms;
+        Ok(state)
+    }
+
+    /// Ends a restore: drops the rows closed while re-reading (they were committed
+    /// before), takes the committed cumulative counters, and checks the rebuilt state
+    /// against the committed digest.
+    pub fn finish_restore(
+        &mut self,
+        committed_counters: PartitionCounters,
+        committed_digest: &StateDigest,
+    ) -> Result<(), Box<DigestMismatch>> {
+        self.closed.clear();
+        self.counters = committed_counters;
+        let rebuilt = self.digest();
+        if rebuilt != *committed_digest {
+            return Err(Box::new(DigestMismatch {
+                committed: *committed_digest,
+                rebuilt,
+            }));
+        }
+        Ok(())
+    }
+
     /// The largest counted event time (the base of the partition's tick clock).
     pub fn max_event_time_ms(&self) -> Option<i64> {
         self.max_event_time_ms
@@ -1076,6 +1374,34 @@ impl PartitionState {
         bytes += self.closed.capacity() * size_of::<ClosedPane>();
         bytes
     }
+}
+
+/// A restored state that differs from the committed one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the state rebuilt from the input differs from the committed one: committed {committed:?}, rebuilt {rebuilt:?}"
+)]
+pub struct DigestMismatch {
+    /// The digest committed with the checkpoint.
+    pub committed: StateDigest,
+    /// The digest of the rebuilt state.
+    pub rebuilt: StateDigest,
+}
+
+/// splitmix64's finaliser: a fixed, well-mixing 64-bit permutation.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// An order-dependent hash of `parts` (a chain of [`mix64`]).
+fn mix_all(parts: &[u64]) -> u64 {
+    let mut hash = 0x9e37_79b9_7f4a_7c15u64;
+    for part in parts.iter() {
+        hash = mix64(hash ^ *part);
+    }
+    hash
 }
 
 /// Bytes an allocation of `capacity` bytes occupies: nothing when empty, else the
