@@ -95,6 +95,7 @@ struct Topics {
     aggregates: String,
     late: String,
     dlq: String,
+    checkpoints: String,
 }
 
 fn generator_config(count: u64) -> GeneratorConfig {
@@ -170,6 +171,7 @@ fn settings(bootstrap: &str, topics: &Topics, group: &str) -> AggregatorSettings
     config.topics.billing_aggregates = topics.aggregates.clone();
     config.topics.late = topics.late.clone();
     config.topics.dlq = topics.dlq.clone();
+    config.topics.checkpoints = topics.checkpoints.clone();
     config.topics.partitions = PARTITIONS;
     config.topics.output_partitions = PARTITIONS;
     config.topics.replication_factor = 1;
@@ -239,6 +241,7 @@ fn main() {
         aggregates: format!("{id}-aggregates"),
         late: format!("{id}-late"),
         dlq: format!("{id}-dlq"),
+        checkpoints: format!("{id}-checkpoints"),
     };
     create_topics(
         &bootstrap,
@@ -247,6 +250,7 @@ fn main() {
             &topics.aggregates,
             &topics.late,
             &topics.dlq,
+            &topics.checkpoints,
         ],
         PARTITIONS,
     );

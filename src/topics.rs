@@ -65,6 +65,12 @@ pub(crate) fn specs(config: &Config) -> Vec<TopicSpec> {
             side_bytes,
             topics.side_retention_ms,
         ),
+        spec(
+            &topics.checkpoints,
+            topics.partitions,
+            topics.max_message_bytes,
+            topics.retention_ms,
+        ),
     ]
 }
 

@@ -143,6 +143,7 @@ fn settings(input: &GeneratedInput, outputs: &TestTopics, group: &str) -> Aggreg
     config.topics.billing_aggregates = outputs.billing_aggregates.clone();
     config.topics.late = outputs.late.clone();
     config.topics.dlq = outputs.dlq.clone();
+    config.topics.checkpoints = outputs.checkpoints.clone();
     config.topics.partitions = PARTITIONS;
     config.topics.output_partitions = PARTITIONS;
     config.topics.replication_factor = 1;

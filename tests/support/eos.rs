@@ -112,14 +112,20 @@ pub fn fresh_outputs(input_topic: &str) -> TestTopics {
         billing_aggregates: format!("{base}.billing.aggregates"),
         late: format!("{base}.usage.late"),
         dlq: format!("{base}.usage.dlq"),
+        checkpoints: format!("{base}.tally.checkpoints"),
     }
 }
 
-/// Creates the three output topics of `topics`.
+/// Creates the output topics of `topics` (aggregates, late, dlq, checkpoints).
 pub fn create_outputs(topics: &TestTopics, partitions: i32) {
     create_topics(
         &bootstrap(),
-        &[&topics.billing_aggregates, &topics.late, &topics.dlq],
+        &[
+            &topics.billing_aggregates,
+            &topics.late,
+            &topics.dlq,
+            &topics.checkpoints,
+        ],
         partitions,
     );
 }
@@ -962,6 +968,7 @@ usage_events = "{events}"
 billing_aggregates = "{aggregates}"
 late = "{late}"
 dlq = "{dlq}"
+checkpoints = "{checkpoints}"
 partitions = {partitions}
 output_partitions = {output_partitions}
 replication_factor = 1
@@ -986,6 +993,7 @@ listen = "{listen}"
             aggregates = topics.billing_aggregates,
             late = topics.late,
             dlq = topics.dlq,
+            checkpoints = topics.checkpoints,
             output_partitions = self.output_partitions,
             group = self.group,
             contracts = contracts.display(),

@@ -32,6 +32,7 @@ pub struct TestTopics {
     pub billing_aggregates: String,
     pub late: String,
     pub dlq: String,
+    pub checkpoints: String,
 }
 
 impl TestTopics {
@@ -42,6 +43,7 @@ impl TestTopics {
             billing_aggregates: format!("{base}.billing.aggregates"),
             late: format!("{base}.usage.late"),
             dlq: format!("{base}.usage.dlq"),
+            checkpoints: format!("{base}.tally.checkpoints"),
         }
     }
 }
@@ -64,6 +66,7 @@ usage_events = "{events}"
 billing_aggregates = "{aggregates}"
 late = "{late}"
 dlq = "{dlq}"
+checkpoints = "{checkpoints}"
 partitions = {partitions}
 output_partitions = 2
 replication_factor = 1
@@ -80,6 +83,7 @@ listen = ""
         aggregates = topics.billing_aggregates,
         late = topics.late,
         dlq = topics.dlq,
+        checkpoints = topics.checkpoints,
         contracts = contracts.display(),
     );
     std::fs::write(&path, body).expect("write config");

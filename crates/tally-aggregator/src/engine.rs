@@ -246,8 +246,11 @@ struct OwnedPartition {
     next_offset: i64,
     /// Offset committed last (the consumer is seeked here on abort).
     committed_offset: i64,
-    /// First offset this group consumed for the partition (checkpoint low-water).
-    low_water: i64,
+    /// The checkpoint committed with `committed_offset` (re-sent unchanged while the
+    /// partition processes nothing).
+    committed_metadata: String,
+    /// The checkpoint of the open transaction, when the partition changed in it.
+    pending_metadata: Option<String>,
     /// Records processed since the last commit.
     dirty: bool,
     /// The consumer reported the partition's end and no record came since.
@@ -268,14 +271,20 @@ struct OwnedPartition {
 }
 
 impl OwnedPartition {
-    fn new(state: PartitionState, next_offset: i64, low_water: i64, epoch: u64) -> OwnedPartition {
+    fn new(
+        state: PartitionState,
+        next_offset: i64,
+        committed_metadata: String,
+        epoch: u64,
+    ) -> OwnedPartition {
         let now = Instant::now();
         OwnedPartition {
             committed: state.clone(),
             live: state,
             next_offset,
             committed_offset: next_offset,
-            low_water,
+            committed_metadata,
+            pending_metadata: None,
             dirty: false,
             at_end: false,
             last_record_at: now,
@@ -292,6 +301,7 @@ impl OwnedPartition {
         self.since_epoch = epoch;
         self.live.clone_from(&self.committed);
         self.next_offset = self.committed_offset;
+        self.pending_metadata = None;
         self.dirty = false;
         self.at_end = false;
         self.tick_in_flight = self.committed_tick_in_flight;
@@ -442,12 +452,31 @@ enum CommitOutcome {
     Aborted,
 }
 
+/// A record of the checkpoints topic: one per input partition and transaction that
+/// changed it, keyed `<topic>/<partition>` (so one input partition's checkpoints share
+/// a partition, in commit order), written in the transaction that commits `offset`
+/// with this checkpoint. Its timestamp is the producer's clock: checkpoints are
+/// bookkeeping, not billing data.
+#[derive(serde::Serialize)]
+struct CheckpointRecord<'a> {
+    /// The input topic.
+    topic: &'a str,
+    /// The input partition.
+    partition: i32,
+    /// The committed offset `C`.
+    offset: i64,
+    /// The checkpoint exactly as committed in the offset metadata.
+    checkpoint: &'a str,
+}
+
 /// The aggregator's state and its producer.
 pub(crate) struct Engine {
     settings: AggregatorSettings,
     limits: ValidationLimits,
     producer: BaseProducer<ProducerCallbacks>,
     partition_count: u32,
+    /// The semantics fingerprint written into every checkpoint.
+    semantics: String,
     in_transaction: bool,
     partitions: BTreeMap<i32, OwnedPartition>,
     transactions_attempted: u64,
@@ -660,22 +689,56 @@ impl Engine {
         Ok(())
     }
 
-    fn offsets_with_checkpoints(&self) -> Result<TopicPartitionList, AggregatorError> {
-        let topic = self.topic();
+    /// The offsets and checkpoints of every owned partition for the open transaction:
+    /// partitions that processed records get a new checkpoint (low water, counters,
+    /// digest, semantics), the others re-send their committed one unchanged.
+    fn offsets_with_checkpoints(&mut self) -> Result<TopicPartitionList, AggregatorError> {
+        let topic = self.settings.config.topics.usage_events.clone();
         let mut offsets = TopicPartitionList::with_capacity(self.partitions.len());
-        for (partition, owned) in &self.partitions {
-            let checkpoint = Checkpoint {
-                low_water: owned.low_water,
-                counters: owned.live.counters(),
+        for (partition, owned) in &mut self.partitions {
+            let metadata = if owned.dirty || owned.committed_metadata.is_empty() {
+                let checkpoint = Checkpoint {
+                    low_water: owned.live.low_water(owned.next_offset),
+                    counters: owned.live.counters(),
+                    digest: owned.live.digest(),
+                    semantics: self.semantics.clone(),
+                };
+                let metadata =
+                    checkpoint
+                        .to_metadata()
+                        .map_err(|source| AggregatorError::BadCheckpoint {
+                            partition: *partition,
+                            offset: owned.next_offset,
+                            source,
+                        })?;
+                let record = CheckpointRecord {
+                    topic: &topic,
+                    partition: *partition,
+                    offset: owned.next_offset,
+                    checkpoint: &metadata,
+                };
+                let key = format!("{topic}/{partition}");
+                let value = serde_json::to_vec(&record).map_err(|error| {
+                    AggregatorError::Settings(format!("cannot encode a checkpoint record: {error}"))
+                })?;
+                send(
+                    &self.producer,
+                    BaseRecord::<str, [u8]>::to(&self.settings.config.topics.checkpoints)
+                        .key(key.as_str())
+                        .payload(value.as_slice()),
+                )?;
+                owned.pending_metadata.insert(metadata).clone()
+            } else {
+                owned.committed_metadata.clone()
             };
-            let mut element = offsets.add_partition(topic, *partition);
+            let mut element = offsets.add_partition(&topic, *partition);
             element
                 .set_offset(Offset::Offset(owned.next_offset))
                 .map_err(|source| AggregatorError::Kafka {
                     operation: "build offsets",
                     source,
                 })?;
-            element.set_metadata(checkpoint.to_metadata());
+            element.set_metadata(metadata);
         }
         Ok(offsets)
     }
@@ -755,6 +818,9 @@ impl Engine {
                 owned.committed.clone_from(&owned.live);
             }
             owned.committed_offset = owned.next_offset;
+            if let Some(metadata) = owned.pending_metadata.take() {
+                owned.committed_metadata = metadata;
+            }
             owned.committed_tick_in_flight = owned.tick_in_flight;
             owned.dirty = false;
         }
@@ -958,7 +1024,12 @@ impl Engine {
                                 source,
                             }
                         })?;
-                    to_restore.push((partition, checkpoint, committed_offset));
+                    to_restore.push((
+                        partition,
+                        checkpoint,
+                        committed_offset,
+                        element.metadata().to_owned(),
+                    ));
                 }
                 _ => fresh.push(partition),
             }
@@ -969,9 +1040,10 @@ impl Engine {
             partition_count: self.partition_count,
         };
         let settings = &self.settings;
-        let rebuild = |(partition, checkpoint, committed_offset): &(i32, Checkpoint, i64)| {
-            rebuild_partition(settings, &rules, *partition, checkpoint, *committed_offset)
-        };
+        let rebuild =
+            |(partition, checkpoint, committed_offset, _): &(i32, Checkpoint, i64, String)| {
+                rebuild_partition(settings, &rules, *partition, checkpoint, *committed_offset)
+            };
         let rebuilt: Vec<Result<Restored, AggregatorError>> = match &self.workers {
             Some(pool) if to_restore.len() > 1 => {
                 pool.install(|| to_restore.par_iter().map(rebuild).collect())
@@ -979,7 +1051,7 @@ impl Engine {
             _ => to_restore.iter().map(rebuild).collect(),
         };
         let mut owned_partitions = Vec::with_capacity(to_restore.len() + fresh.len());
-        for ((partition, checkpoint, committed_offset), restored) in
+        for ((partition, _checkpoint, committed_offset, metadata), restored) in
             to_restore.into_iter().zip(rebuilt)
         {
             let restored = restored?;
@@ -988,7 +1060,7 @@ impl Engine {
             let owned = OwnedPartition::new(
                 restored.state,
                 committed_offset,
-                checkpoint.low_water,
+                metadata,
                 self.next_epoch(),
             );
             owned_partitions.push((partition, owned));
@@ -1009,7 +1081,7 @@ impl Engine {
                 "partition has no committed offset, starting fresh"
             );
             let state = PartitionState::new(self.settings.partition_params(partition))?;
-            let mut owned = OwnedPartition::new(state, start, start, self.next_epoch());
+            let mut owned = OwnedPartition::new(state, start, String::new(), self.next_epoch());
             // Commit the start position at the next commit, so a restart never needs
             // --start-from again.
             owned.dirty = true;
@@ -1397,6 +1469,7 @@ fn start_incarnation(
         settings,
         producer,
         partition_count,
+        semantics: String::new(),
         in_transaction: false,
         partitions: BTreeMap::new(),
         transactions_attempted: 0,

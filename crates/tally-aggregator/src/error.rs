@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use rdkafka::error::KafkaError;
 use tally_core::contracts::ContractsError;
-use tally_core::partition::{ParamsError, PartitionCounters, RowPricingError};
+use tally_core::partition::{DigestMismatch, ParamsError, RowPricingError};
 
 use crate::checkpoint::CheckpointError;
 
@@ -86,11 +86,10 @@ pub enum AggregatorError {
         #[source]
         source: CheckpointError,
     },
-    /// Re-reading the input did not rebuild the committed counters: the state cannot
-    /// be trusted (input truncated by retention, a different config or contracts).
+    /// Re-reading the input did not rebuild the committed state: it cannot be trusted.
     #[error(
-        "partition {partition}: re-reading offsets [{low_water}, {committed_offset}) gave counters {rebuilt:?}, \
-         the checkpoint says {committed:?}; the state cannot be trusted"
+        "partition {partition}: re-reading offsets [{low_water}, {committed_offset}) did not rebuild the \
+         committed state; refusing to bill from another state"
     )]
     RestoreMismatch {
         /// The partition.
@@ -99,10 +98,27 @@ pub enum AggregatorError {
         low_water: i64,
         /// Committed offset re-read up to.
         committed_offset: i64,
-        /// Counters from the checkpoint.
-        committed: Box<PartitionCounters>,
-        /// Counters of the rebuilt state.
-        rebuilt: Box<PartitionCounters>,
+        /// What differs.
+        #[source]
+        source: Box<DigestMismatch>,
+    },
+    /// Input the restore needs was deleted (retention or `DeleteRecords`).
+    #[error(
+        "partition {topic}/{partition}: the restore must re-read from offset {low_water} but the log now starts \
+         at {log_start} (input deleted by retention or DeleteRecords); the state at committed offset \
+         {committed_offset} cannot be rebuilt: re-aggregate what remains into a new output"
+    )]
+    RestoreInputDeleted {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The low-water offset.
+        low_water: i64,
+        /// The log start offset found.
+        log_start: i64,
+        /// The committed offset.
+        committed_offset: i64,
     },
     /// Re-reading the input stalled.
     #[error(

@@ -1,12 +1,17 @@
 //! Rebuilding a partition's state from the input ("the input is the changelog").
 //!
-//! On assignment, a partition with committed offset `C` and checkpoint low-water `L`
-//! gets its state back by re-reading `[L, C)` with a separate, group-less,
-//! read_committed consumer and feeding every record to a fresh
-//! [`PartitionState`] through [`apply_record`] — exactly what the live loop did. Rows
-//! closed on the way and too-late/rejected copies are discarded: they were committed
-//! together with `C`. The rebuilt counters must equal the checkpoint's, or the state
-//! cannot be trusted and the aggregator stops.
+//! On assignment, a partition with committed offset `C` and a checkpoint whose low
+//! water is `L` gets its state back by re-reading `[L, C)` with a separate, group-less,
+//! read_committed consumer and feeding every record, through [`apply_record`], to a
+//! state resumed at the checkpoint's clock before `L` ([`PartitionState::resume`]) —
+//! exactly what the live loop did. Rows closed on the way and too-late/rejected copies
+//! are discarded: they were committed together with `C`. The rebuilt state must have
+//! the committed digest ([`PartitionState::finish_restore`]), or it cannot be trusted
+//! and the aggregator stops. `L` is the first offset of the oldest window that still
+//! has live state (see "Bounded restore" in `tally_core::partition`), so a restore
+//! re-reads about the dedupe horizon's worth of input, whatever the partition's
+//! history, and works after retention deleted older input. Input deleted at or above
+//! `L` makes the restore refuse ([`AggregatorError::RestoreInputDeleted`]).
 //!
 //! Stopping: a record at offset `≥ C` ends the re-read (it is not applied). The last
 //! data offset below `C` may be smaller than `C − 1` (transaction markers occupy
@@ -32,6 +37,8 @@ use crate::settings::AggregatorSettings;
 
 /// How long the re-read may go without a record or an end-of-partition event.
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the log-start lookup may take.
+const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(30);
 /// Closed rows kept before they are drained (and dropped) during a re-read.
 const DRAIN_EVERY_ROWS: usize = 4_096;
 
@@ -74,19 +81,38 @@ pub(crate) fn rebuild_partition(
     committed_offset: i64,
 ) -> Result<Restored, AggregatorError> {
     let topic = settings.config.topics.usage_events.as_str();
-    let mut state = PartitionState::new(settings.partition_params(partition))?;
+    let low_water = checkpoint.low_water.offset;
+    let mut state = PartitionState::resume(
+        settings.partition_params(partition),
+        checkpoint.low_water.clock,
+    )?;
     let mut records = 0_u64;
     let started = Instant::now();
-    if committed_offset > checkpoint.low_water {
+    if committed_offset > low_water {
         let consumer: BaseConsumer<RestoreContext> = restore_client_config(settings)
             .create_with_context(RestoreContext)
             .map_err(|source| AggregatorError::Kafka {
                 operation: "create restore consumer",
                 source,
             })?;
+        let (log_start, _high) = consumer
+            .fetch_watermarks(topic, partition, WATERMARKS_TIMEOUT)
+            .map_err(|source| AggregatorError::Kafka {
+                operation: "fetch the input's log start",
+                source,
+            })?;
+        if log_start > low_water {
+            return Err(AggregatorError::RestoreInputDeleted {
+                topic: topic.to_owned(),
+                partition,
+                low_water,
+                log_start,
+                committed_offset,
+            });
+        }
         let mut assignment = TopicPartitionList::new();
         assignment
-            .add_partition_offset(topic, partition, Offset::Offset(checkpoint.low_water))
+            .add_partition_offset(topic, partition, Offset::Offset(low_water))
             .map_err(|source| AggregatorError::Kafka {
                 operation: "assign restore consumer",
                 source,
@@ -97,7 +123,7 @@ pub(crate) fn rebuild_partition(
                 operation: "assign restore consumer",
                 source,
             })?;
-        let mut next_offset = checkpoint.low_water;
+        let mut next_offset = low_water;
         let mut last_progress = Instant::now();
         loop {
             match consumer.poll(Duration::from_millis(200)) {
@@ -121,7 +147,8 @@ pub(crate) fn rebuild_partition(
                     next_offset = message.offset() + 1;
                     records += 1;
                     if state.closed_pending() >= DRAIN_EVERY_ROWS {
-                        let _committed_rows = state.drain_closed(rules.contracts)?;
+                        // Rows closed before `C` were committed; they are only dropped.
+                        state.discard_closed();
                     }
                 }
                 Some(Err(KafkaError::PartitionEOF(eof_partition)))
@@ -150,19 +177,17 @@ pub(crate) fn rebuild_partition(
             }
         }
     }
-    let _committed_rows = state.drain_closed(rules.contracts)?;
-    if state.counters() != checkpoint.counters {
+    if let Err(source) = state.finish_restore(checkpoint.counters, &checkpoint.digest) {
         return Err(AggregatorError::RestoreMismatch {
             partition,
-            low_water: checkpoint.low_water,
+            low_water,
             committed_offset,
-            committed: Box::new(checkpoint.counters),
-            rebuilt: Box::new(state.counters()),
+            source,
         });
     }
     info!(
         partition,
-        low_water = checkpoint.low_water,
+        low_water,
         committed_offset,
         records,
         elapsed_ms = started.elapsed().as_millis() as u64,

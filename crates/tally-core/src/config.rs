@@ -77,6 +77,11 @@ pub struct TopicsConfig {
     /// Rejected records, with their original bytes and the reason.
     #[serde(default = "default_dlq")]
     pub dlq: String,
+    /// Checkpoints of the aggregator (low water, counters, state digest, semantics),
+    /// one record per input partition and transaction, written with the offsets; a
+    /// replay warms up from them. Same partition count and retention as usage.events.
+    #[serde(default = "default_checkpoints")]
+    pub checkpoints: String,
     /// Partitions of usage.events. Never changed on an existing topic: routing by
     /// murmur2(tenant) depends on it.
     #[serde(default = "default_partitions")]
@@ -113,6 +118,9 @@ fn default_late() -> String {
 fn default_dlq() -> String {
     "usage.dlq".to_owned()
 }
+fn default_checkpoints() -> String {
+    "tally.checkpoints".to_owned()
+}
 /// Six partitions: enough for a few aggregator cores without making a hot tenant's
 /// partition much hotter than the rest.
 const fn default_partitions() -> i32 {
@@ -141,6 +149,7 @@ impl Default for TopicsConfig {
             billing_aggregates: default_billing_aggregates(),
             late: default_late(),
             dlq: default_dlq(),
+            checkpoints: default_checkpoints(),
             partitions: default_partitions(),
             output_partitions: default_partitions(),
             replication_factor: default_replication_factor(),

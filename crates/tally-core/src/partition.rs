@@ -1240,6 +1240,12 @@ impl PartitionState {
         }
     }
 
+    /// Drops the closed rows without pricing them (a restore re-closes rows that were
+    /// committed before).
+    pub fn discard_closed(&mut self) {
+        self.closed.clear();
+    }
+
     /// The check of the live state committed with a checkpoint (see [`StateDigest`]).
     /// O(open panes + live windows).
     pub fn digest(&self) -> StateDigest {
