@@ -90,6 +90,19 @@ pub enum CheckpointError {
     },
 }
 
+/// The digest's wire form: the clock (watermark, largest counted event time, last
+/// tick), then remembered ids, open panes, correction keys, live windows, content hash.
+type DigestWire = (
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    u64,
+    u64,
+    u64,
+    u64,
+    u64,
+);
+
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Wire {
@@ -97,16 +110,7 @@ struct Wire {
     lw: i64,
     lc: [Option<i64>; 3],
     c: [u64; 8],
-    d: (
-        Option<i64>,
-        Option<i64>,
-        Option<i64>,
-        u64,
-        u64,
-        u64,
-        u64,
-        u64,
-    ),
+    d: DigestWire,
     s: String,
 }
 
