@@ -41,6 +41,7 @@ use support::kill::{
     count_log_messages, load_contracts, produce_input, restored_records_in_log, stable_committed,
     verify_against_truth,
 };
+use tally_aggregator::Checkpoint;
 use tally_core::codec::decode_aggregate;
 use tally_producer::GroundTruth;
 
@@ -198,6 +199,38 @@ struct KillReport {
     /// Kills a random 0.3–6 s after the start whatever the process was doing (joining the
     /// group, restoring, processing).
     kills_blind: usize,
+    /// Per kill: the input offsets committed so far (history) and the offsets the next
+    /// restore re-reads (Σ committed − low water over the partitions, from the committed
+    /// checkpoints).
+    restores: Vec<RestoreCost>,
+}
+
+/// What the restore after one kill costs, from the committed checkpoints.
+#[derive(Debug, Clone, Copy)]
+struct RestoreCost {
+    /// Σ committed offsets over the partitions.
+    history: i64,
+    /// Σ (committed offset − low water): the input the next restore re-reads.
+    reread: i64,
+}
+
+/// The restore cost of the checkpoints `probe` sees committed now.
+fn restore_cost(probe: &OffsetProbe) -> RestoreCost {
+    let mut cost = RestoreCost {
+        history: 0,
+        reread: 0,
+    };
+    for (partition, committed) in probe.committed() {
+        let Some((offset, metadata)) = committed else {
+            continue;
+        };
+        let checkpoint = Checkpoint::from_metadata(&metadata)
+            .unwrap_or_else(|error| panic!("partition {partition}: {error}"));
+        assert!(checkpoint.low_water.offset <= offset);
+        cost.history += offset;
+        cost.reread += offset - checkpoint.low_water.offset;
+    }
+    cost
 }
 
 /// SIGKILLs the aggregator `plan.kills` times, restarting it with the same instance id.
@@ -271,6 +304,7 @@ fn kill_loop(deployment: &Deployment, plan: &KillPlan, total_offsets: i64) -> Ki
         let committed_at_kill = probe.sum();
         process.kill();
         let open = transactions.open(&deployment.all_topics());
+        report.restores.push(restore_cost(&probe));
         report.kills += 1;
         report.kills_with_open_transaction += usize::from(!open.is_empty());
         report.kills_mid_input += usize::from(committed_at_kill < total_offsets);
@@ -416,6 +450,42 @@ fn crash_soak_with_sigkills_matches_ground_truth() {
     );
     assert!(restored > 0, "restarts re-read input to rebuild state");
     assert_concurrent_view(&seen, &verification.multiset);
+    assert_restore_is_bounded(&report.restores);
+}
+
+/// Restores cost the live state, not the history: with history at least 20 dedupe
+/// horizons long, the input re-read by a restore late in the run is at most 1.1 × what
+/// a restore re-read early (history of 3–8 horizons).
+fn assert_restore_is_bounded(restores: &[RestoreCost]) {
+    // The generator sends 400 events per second of event time (`EventTime::generator`).
+    let horizon_offsets = EVENT_TIME.dedupe_horizon_ms() * 400 / 1_000;
+    eprintln!("restore cost by kill (dedupe horizon ≈ {horizon_offsets} offsets):");
+    eprintln!("  {:>10} {:>8} {:>10}", "history", "× horizon", "re-read");
+    for cost in restores {
+        eprintln!(
+            "  {:>10} {:>8.1} {:>10}",
+            cost.history,
+            cost.history as f64 / horizon_offsets as f64,
+            cost.reread
+        );
+    }
+    let early = restores
+        .iter()
+        .filter(|cost| (3 * horizon_offsets..=8 * horizon_offsets).contains(&cost.history))
+        .map(|cost| cost.reread)
+        .max();
+    let late = restores
+        .iter()
+        .filter(|cost| cost.history >= 20 * horizon_offsets)
+        .map(|cost| cost.reread)
+        .max();
+    let (Some(early), Some(late)) = (early, late) else {
+        panic!("the kills must land both early (3–8 horizons) and late (≥ 20 horizons): {restores:?}");
+    };
+    assert!(
+        late * 10 <= early * 11,
+        "a late restore re-read {late} offsets, more than 1.1 × an early one ({early})"
+    );
 }
 
 #[test]

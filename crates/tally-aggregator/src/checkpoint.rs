@@ -5,7 +5,7 @@
 //! 4 096 bytes by default; [`MAX_METADATA_BYTES`] keeps ours inside it):
 //!
 //! ```json
-//! {"v":2,"lw":1200,"lc":[wm,max,tick],"c":[8 counters],"d":[wm,max,tick,ids,panes,keys,windows,content],"s":"…"}
+//! {"v":2,"lw":1200,"lc":[wm,max,tick],"c":[8 counters],"d":[wm,max,tick,ids,panes,keys,windows,content],"ib":1767225061000,"s":"…"}
 //! ```
 //!
 //! - `v`: format version (2);
@@ -20,6 +20,10 @@
 //! - `d`: the [`StateDigest`] of the live state at `C`: its clock, the remembered ids,
 //!   open panes, correction keys and live windows, and a hash of their content. A
 //!   restore must rebuild exactly this, or the aggregator refuses to go on;
+//! - `ib`: the idle base, wall-clock ms when the last event that moved the watermark
+//!   (or the last tick) was read: a restarted aggregator measures a partition's idle
+//!   time from it rather than from its own start. It only decides *when* a tick is
+//!   written, never what a row contains;
 //! - `s`: the semantics fingerprint: every setting and contract version the rows
 //!   depend on (a restart whose semantics differ refuses to start).
 //!
@@ -48,6 +52,9 @@ pub struct Checkpoint {
     pub counters: PartitionCounters,
     /// The live state as of the committed offset.
     pub digest: StateDigest,
+    /// Wall-clock ms when the last event that moved the watermark, or the last tick,
+    /// was read (the base of the idle time before a tick is written).
+    pub idle_base_ms: i64,
     /// The semantics fingerprint the state was built under (its own wire form).
     pub semantics: String,
 }
@@ -111,6 +118,7 @@ struct Wire {
     lc: [Option<i64>; 3],
     c: [u64; 8],
     d: DigestWire,
+    ib: i64,
     s: String,
 }
 
@@ -165,6 +173,7 @@ impl Checkpoint {
                 d.live_windows,
                 d.content,
             ),
+            ib: self.idle_base_ms,
             s: self.semantics.clone(),
         };
         let text = serde_json::to_string(&wire).map_err(|error| CheckpointError::Malformed {
@@ -231,6 +240,7 @@ impl Checkpoint {
                 live_windows: windows,
                 content,
             },
+            idle_base_ms: wire.ib,
             semantics: wire.s,
         })
     }
@@ -272,6 +282,7 @@ mod tests {
                 live_windows: 3,
                 content: u64::MAX - 5,
             },
+            idle_base_ms: 1_767_225_061_000,
             semantics: "w60000".to_owned(),
         }
     }
@@ -282,7 +293,7 @@ mod tests {
         let metadata = checkpoint.to_metadata().expect("fits");
         assert_eq!(
             metadata,
-            r#"{"v":2,"lw":1200,"lc":[1767225000000,1767225005000,null],"c":[100,90,3,4,1,2,4,7],"d":[1767225060000,1767225065000,1767225001000,80,12,2,3,18446744073709551610],"s":"w60000"}"#
+            r#"{"v":2,"lw":1200,"lc":[1767225000000,1767225005000,null],"c":[100,90,3,4,1,2,4,7],"d":[1767225060000,1767225065000,1767225001000,80,12,2,3,18446744073709551610],"ib":1767225061000,"s":"w60000"}"#
         );
         assert_eq!(Checkpoint::from_metadata(&metadata), Ok(checkpoint));
     }
@@ -311,6 +322,7 @@ mod tests {
         max.digest.open_panes = u64::MAX;
         max.digest.correction_keys = u64::MAX;
         max.digest.live_windows = u64::MAX;
+        max.idle_base_ms = i64::MIN;
         max.semantics = String::new();
         let without_semantics = max.to_metadata().expect("fits").len();
         assert!(without_semantics < 700, "{without_semantics} bytes");

@@ -38,6 +38,10 @@ use crate::settings::{AggregatorSettings, StartFrom};
 
 /// Timeout of blocking metadata and transaction calls.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time limit of each transaction call once shutdown was requested: the process exits
+/// within a few seconds of SIGTERM; a final transaction that cannot commit in time is
+/// aborted and its input re-read by the next owner.
+const SHUTDOWN_CALL_TIMEOUT: Duration = Duration::from_millis(1_500);
 /// Flush before an abort: bounded, since an aborting transaction may not drain.
 const ABORT_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Aborts in a row (without a commit in between, i.e. at the same input offsets)
@@ -255,10 +259,14 @@ struct OwnedPartition {
     dirty: bool,
     /// The consumer reported the partition's end and no record came since.
     at_end: bool,
-    /// When the last record (usage or tick) was read.
-    last_record_at: Instant,
-    /// When the last usage record was read (the base of the idle time).
+    /// When the last usage record was read (for `--exit-after-idle`).
     last_usage_at: Instant,
+    /// Wall-clock ms when the last event that moved the watermark, or the last tick,
+    /// was read: the base of the idle time. Committed in the checkpoint, so a restart
+    /// does not restart the idle time.
+    idle_base_ms: i64,
+    /// `idle_base_ms` as of the last commit.
+    committed_idle_base_ms: i64,
     /// A tick was written and has not been read back yet.
     tick_in_flight: bool,
     /// `tick_in_flight` as of the last commit.
@@ -275,6 +283,7 @@ impl OwnedPartition {
         state: PartitionState,
         next_offset: i64,
         committed_metadata: String,
+        idle_base_ms: i64,
         epoch: u64,
     ) -> OwnedPartition {
         let now = Instant::now();
@@ -287,8 +296,9 @@ impl OwnedPartition {
             pending_metadata: None,
             dirty: false,
             at_end: false,
-            last_record_at: now,
             last_usage_at: now,
+            idle_base_ms,
+            committed_idle_base_ms: idle_base_ms,
             tick_in_flight: false,
             committed_tick_in_flight: false,
             tick_read_since_usage: false,
@@ -305,25 +315,27 @@ impl OwnedPartition {
         self.dirty = false;
         self.at_end = false;
         self.tick_in_flight = self.committed_tick_in_flight;
+        self.idle_base_ms = self.committed_idle_base_ms;
         let now = Instant::now();
-        self.last_record_at = now;
         self.last_usage_at = now;
     }
 
-    /// The time a tick written now would carry, if the partition has a clock.
-    fn tick_time_ms(&self) -> Option<i64> {
-        let max = self.live.max_event_time_ms()?;
-        let idle_ms = i64::try_from(self.last_usage_at.elapsed().as_millis()).unwrap_or(i64::MAX);
-        Some(max.saturating_add(idle_ms))
+    /// The wall-clock ms that passed since the idle base.
+    fn idle_ms(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_sub(self.idle_base_ms).max(0)
     }
 
-    /// Whether a tick written now would not move the watermark.
-    fn tick_is_noop(&self) -> bool {
-        match (self.tick_time_ms(), self.live.watermark()) {
-            (None, _) => true,
-            (Some(tick), Some(watermark)) => tick <= watermark,
-            (Some(_), None) => false,
-        }
+    /// The time a tick written at `now_ms` would carry, if the partition has a clock:
+    /// the partition's tick base (largest counted event time or last tick time) plus
+    /// the idle time that passed — never the wall clock's absolute value.
+    fn tick_time_ms(&self, now_ms: i64) -> Option<i64> {
+        Some(self.live.tick_base_ms()?.saturating_add(self.idle_ms(now_ms)))
+    }
+
+    /// Whether a tick written at `now_ms` would close nothing.
+    fn tick_is_noop(&self, now_ms: i64) -> bool {
+        self.tick_time_ms(now_ms)
+            .is_none_or(|tick| !self.live.tick_would_close(tick))
     }
 }
 
@@ -342,6 +354,8 @@ struct BatchContext<'a> {
     dlq_topic: &'a str,
     max_value_bytes: usize,
     now: Instant,
+    /// Wall-clock ms of the batch (the idle base of partitions whose watermark moved).
+    now_ms: i64,
 }
 
 /// Applies one partition's records of a batch, in order, and writes their side
@@ -365,11 +379,14 @@ fn process_partition(
             // record below the position must never be applied twice.
             continue;
         }
+        let watermark_before = owned.live.watermark();
         let outcome = apply_record(&mut owned.live, &context.rules, &record);
+        if outcome == RecordOutcome::Tick || owned.live.watermark() != watermark_before {
+            owned.idle_base_ms = context.now_ms;
+        }
         owned.next_offset = record.offset + 1;
         owned.dirty = true;
         owned.at_end = false;
-        owned.last_record_at = context.now;
         if outcome == RecordOutcome::Tick {
             owned.tick_in_flight = false;
             owned.tick_read_since_usage = true;
@@ -485,6 +502,9 @@ pub(crate) struct Engine {
     summary: RunSummary,
     /// Set once the process must stop: callbacks then only unassign.
     failed: bool,
+    /// Set once shutdown was requested: assignments are ignored (no restore starts)
+    /// and transaction calls get [`SHUTDOWN_CALL_TIMEOUT`].
+    stopping: bool,
     last_commit: Instant,
     last_gauges: Instant,
     buffer: Vec<u8>,
@@ -543,6 +563,15 @@ fn now_ms() -> i64 {
 }
 
 impl Engine {
+    /// The time limit of a blocking transaction call now.
+    fn call_timeout(&self) -> Duration {
+        if self.stopping {
+            SHUTDOWN_CALL_TIMEOUT
+        } else {
+            KAFKA_TIMEOUT
+        }
+    }
+
     fn topic(&self) -> &str {
         &self.settings.config.topics.usage_events
     }
@@ -605,6 +634,7 @@ impl Engine {
             max_value_bytes: usize::try_from(self.settings.config.topics.max_message_bytes)
                 .unwrap_or(0),
             now,
+            now_ms: now_ms(),
         };
         let mut work: Vec<(&mut OwnedPartition, Vec<&BorrowedMessage<'_>>)> = self
             .partitions
@@ -652,17 +682,21 @@ impl Engine {
 
     /// Appends a tick to every partition idle at its end for the idle timeout.
     fn write_idle_ticks(&mut self) -> Result<(), AggregatorError> {
-        let idle_timeout = self.settings.idle_timeout();
+        let idle_timeout_ms = self.settings.config.aggregator.idle_timeout_ms;
+        let now = now_ms();
         let due: Vec<(i32, i64)> = self
             .partitions
             .iter()
             .filter(|(_, owned)| {
-                owned.at_end
-                    && !owned.tick_in_flight
-                    && owned.last_record_at.elapsed() >= idle_timeout
-                    && !owned.tick_is_noop()
+                owned.at_end && !owned.tick_in_flight && owned.idle_ms(now) >= idle_timeout_ms
             })
-            .filter_map(|(partition, owned)| Some((*partition, owned.tick_time_ms()?)))
+            .filter_map(|(partition, owned)| {
+                let tick_time_ms = owned.tick_time_ms(now)?;
+                owned
+                    .live
+                    .tick_would_close(tick_time_ms)
+                    .then_some((*partition, tick_time_ms))
+            })
             .collect();
         for (partition, tick_time_ms) in due {
             self.ensure_transaction()?;
@@ -701,6 +735,7 @@ impl Engine {
                     low_water: owned.live.low_water(owned.next_offset),
                     counters: owned.live.counters(),
                     digest: owned.live.digest(),
+                    idle_base_ms: owned.idle_base_ms,
                     semantics: self.semantics.clone(),
                 };
                 let metadata =
@@ -787,13 +822,13 @@ impl Engine {
         let started = Instant::now();
         if let Err(error) =
             self.producer
-                .send_offsets_to_transaction(&offsets, &group, KAFKA_TIMEOUT)
+                .send_offsets_to_transaction(&offsets, &group, self.call_timeout())
         {
             return self.recover(consumer, "send offsets to transaction", error);
         }
         let mut retries = 0;
         loop {
-            match self.producer.commit_transaction(KAFKA_TIMEOUT) {
+            match self.producer.commit_transaction(self.call_timeout()) {
                 Ok(()) => break,
                 Err(error) if is_retriable(&error) && retries < COMMIT_RETRIES => {
                     retries += 1;
@@ -822,6 +857,7 @@ impl Engine {
                 owned.committed_metadata = metadata;
             }
             owned.committed_tick_in_flight = owned.tick_in_flight;
+            owned.committed_idle_base_ms = owned.idle_base_ms;
             owned.dirty = false;
         }
         debug!(rows = rows.len(), "transaction committed");
@@ -859,7 +895,7 @@ impl Engine {
             if let Err(error) = self.producer.flush(ABORT_FLUSH_TIMEOUT) {
                 debug!(error = %error, "flush before abort failed");
             }
-            if let Err(source) = self.producer.abort_transaction(KAFKA_TIMEOUT) {
+            if let Err(source) = self.producer.abort_transaction(self.call_timeout()) {
                 self.failed = true;
                 return Err(classify("abort transaction", source));
             }
@@ -911,7 +947,7 @@ impl Engine {
                     && !owned.dirty
                     && !owned.tick_in_flight
                     && owned.last_usage_at.elapsed() >= quiet
-                    && (owned.tick_read_since_usage || owned.tick_is_noop())
+                    && (owned.tick_read_since_usage || owned.tick_is_noop(now_ms()))
             })
     }
 
@@ -1051,7 +1087,7 @@ impl Engine {
             _ => to_restore.iter().map(rebuild).collect(),
         };
         let mut owned_partitions = Vec::with_capacity(to_restore.len() + fresh.len());
-        for ((partition, _checkpoint, committed_offset, metadata), restored) in
+        for ((partition, checkpoint, committed_offset, metadata), restored) in
             to_restore.into_iter().zip(rebuilt)
         {
             let restored = restored?;
@@ -1061,6 +1097,7 @@ impl Engine {
                 restored.state,
                 committed_offset,
                 metadata,
+                checkpoint.idle_base_ms,
                 self.next_epoch(),
             );
             owned_partitions.push((partition, owned));
@@ -1081,7 +1118,8 @@ impl Engine {
                 "partition has no committed offset, starting fresh"
             );
             let state = PartitionState::new(self.settings.partition_params(partition))?;
-            let mut owned = OwnedPartition::new(state, start, String::new(), self.next_epoch());
+            let mut owned =
+                OwnedPartition::new(state, start, String::new(), now_ms(), self.next_epoch());
             // Commit the start position at the next commit, so a restart never needs
             // --start-from again.
             owned.dirty = true;
@@ -1188,13 +1226,18 @@ impl ConsumerContext for AggregatorContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let result = self.engine().and_then(|mut engine| {
-                    if engine.failed {
-                        return Ok(());
+                    if engine.failed || engine.stopping {
+                        return Ok(false);
                     }
-                    engine.on_assign(consumer, tpl)
+                    engine.on_assign(consumer, tpl).map(|()| true)
                 });
                 match result {
-                    Ok(()) => {
+                    // Stopping: the partitions are not taken (no restore, no fetch);
+                    // the group hands them to another member once this one leaves.
+                    Ok(false) => {
+                        info!(partitions = tpl.count(), "assignment ignored while stopping");
+                    }
+                    Ok(true) => {
                         let assigned = if cooperative {
                             consumer.incremental_assign(tpl)
                         } else {
@@ -1477,6 +1520,7 @@ fn start_incarnation(
         pending: PendingTotals::default(),
         summary: RunSummary::empty(),
         failed: false,
+        stopping: false,
         last_commit: now,
         last_gauges: now,
         buffer: Vec::with_capacity(1024),
@@ -1536,6 +1580,7 @@ fn drive(
     loop {
         if shutdown.load(Ordering::SeqCst) {
             info!("shutdown requested");
+            context.engine()?.stopping = true;
             return Ok(ExitReason::Shutdown);
         }
         // Collect a batch: wait for the first record, then take what is buffered, up to

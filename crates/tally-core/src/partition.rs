@@ -1240,6 +1240,30 @@ impl PartitionState {
         }
     }
 
+    /// The base of the partition's tick clock: the later of the largest counted event
+    /// time and the last tick time (`None` before either).
+    pub fn tick_base_ms(&self) -> Option<i64> {
+        match (self.max_event_time_ms, self.last_tick_ms) {
+            (Some(event), Some(tick)) => Some(event.max(tick)),
+            (event, tick) => event.or(tick),
+        }
+    }
+
+    /// Whether a tick at `tick_time_ms` would close anything: an open correction pane
+    /// (every tick closes them) or an on-time window whose end + allowed lateness it
+    /// reaches. A tick that closes nothing is not worth writing.
+    pub fn tick_would_close(&self, tick_time_ms: i64) -> bool {
+        if !self.corrections.is_empty() {
+            return true;
+        }
+        self.on_time.keys().next().is_some_and(|&start_ms| {
+            start_ms
+                .saturating_add(self.params.window.as_ms())
+                .saturating_add(self.params.allowed_lateness_ms)
+                <= tick_time_ms
+        })
+    }
+
     /// Drops the closed rows without pricing them (a restore re-closes rows that were
     /// committed before).
     pub fn discard_closed(&mut self) {
