@@ -688,11 +688,31 @@ impl Sums {
 /// - usage.late holds exactly the too-late events and usage.dlq exactly the rejected
 ///   records, with the expected reasons and source headers;
 /// - the committed checkpoints' counters equal the truth per partition and conserve.
+///
+/// The binary runs with `deploy/contracts/default.toml` (see `ChildConfig::write`); runs
+/// with other contracts use [`verify_against_truth_with`].
 pub fn verify_against_truth(
     input: &GeneratedInput,
     outputs: &TestTopics,
     group: &str,
     output_partitions: i32,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
+    verify_against_truth_with(
+        input,
+        outputs,
+        group,
+        output_partitions,
+        &TruthContracts::default_file(),
+    )
+}
+
+/// [`verify_against_truth`] for a run priced by `contracts`.
+pub fn verify_against_truth_with(
+    input: &GeneratedInput,
+    outputs: &TestTopics,
+    group: &str,
+    output_partitions: i32,
+    contracts: &TruthContracts,
 ) -> Vec<(Vec<u8>, Vec<u8>)> {
     let truth = &input.truth;
     let rows = read_committed(
@@ -700,7 +720,6 @@ pub fn verify_against_truth(
         &outputs.billing_aggregates,
         output_partitions,
     );
-    let contracts = TruthContracts::default_file();
     let mut money_mismatches: Vec<String> = Vec::new();
     let mut priced_rows = 0_usize;
     let mut ids: BTreeMap<String, u32> = BTreeMap::new();
