@@ -114,6 +114,9 @@ pub const SETTINGS: &[SettingSpec] = &[
     setting("ip", "topics.partitions", |c| i128::from(c.topics.partitions)),
 ];
 
+/// Wire key of the input topic's partition count.
+const INPUT_PARTITIONS_KEY: &str = "ip";
+
 /// Wire keys that are not settings.
 const RESERVED_KEYS: [&str; 4] = ["f", "sv", "pb", "sr"];
 
@@ -250,6 +253,15 @@ impl Semantics {
             });
         }
         Ok(semantics)
+    }
+
+    /// The same semantics with the input topic's partition count the aggregator routes
+    /// with (from the topic's metadata, which wins over `topics.partitions` when the
+    /// topic already exists).
+    pub fn with_input_partitions(mut self, partitions: i32) -> Semantics {
+        self.settings
+            .insert(INPUT_PARTITIONS_KEY.to_owned(), i128::from(partitions));
+        self
     }
 
     /// The classification-rules version it was built with.
@@ -820,6 +832,24 @@ reasoning = 10_000_000_000
         );
         assert!(text.contains("tally replay"), "{text}");
         assert!(text.contains("--start-from"), "{text}");
+    }
+
+    #[test]
+    fn the_partition_count_routed_with_is_compared() {
+        let six = base().with_input_partitions(6);
+        assert_eq!(
+            check_restart(&base(), &six, None),
+            Ok(()),
+            "the default is 6"
+        );
+        assert_eq!(
+            changes(&six, &base().with_input_partitions(8), None),
+            vec![Change::Setting {
+                name: "topics.partitions".to_owned(),
+                committed: Some(6),
+                current: Some(8),
+            }]
+        );
     }
 
     #[test]
