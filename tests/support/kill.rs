@@ -2,16 +2,13 @@
 //! against a real broker and kill it. The shared pieces (topics, generated input with
 //! its ground truth, config files, the process guard, read_committed readers) live in
 //! [`super::eos`]; this module adds what is specific to kills: the event-time
-//! parameters and partition count of every kill test, JSON log probes, offset and
-//! transaction-state probes, a concurrent reader, and the mismatch-collecting check of
-//! a run against the ground truth (row sums, row amounts recomputed from the
-//! contracts by the tests' own arithmetic in [`super::money`], side topics,
-//! checkpoints).
+//! parameters and partition count of every kill test, the restore counters' names,
+//! offset and transaction-state probes, a concurrent reader, and the
+//! mismatch-collecting check of a run against the ground truth (row sums, row amounts
+//! recomputed from the contracts by the tests' own arithmetic in [`super::money`],
+//! side topics, checkpoints).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
@@ -60,37 +57,10 @@ pub fn produce_input(topic: &str, count: u64, seed: u64, batch_messages: u32) ->
     .truth
 }
 
-/// The JSON log lines of `log` (none if there is no log yet).
-fn json_log_entries(log: &Path) -> Vec<serde_json::Value> {
-    let Ok(file) = File::open(log) else {
-        return Vec::new();
-    };
-    BufReader::new(file)
-        .lines()
-        .map_while(Result::ok)
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
-        .collect()
-}
-
-/// Records re-read to restore state, summed over the "partition state restored" log
-/// lines of `log`.
-pub fn restored_records_in_log(log: &Path) -> u64 {
-    json_log_entries(log)
-        .iter()
-        .filter(|entry| {
-            entry["fields"]["message"].as_str() == Some("partition state restored from the input")
-        })
-        .filter_map(|entry| entry["fields"]["records"].as_u64())
-        .sum()
-}
-
-/// How many log lines of `log` carry the message `message`.
-pub fn count_log_messages(log: &Path, message: &str) -> usize {
-    json_log_entries(log)
-        .iter()
-        .filter(|entry| entry["fields"]["message"].as_str() == Some(message))
-        .count()
-}
+/// Partitions rebuilt from their committed checkpoint, as `/metrics` counts them.
+pub const PARTITION_RESTORES: &str = "tally_aggregator_partition_restores_total";
+/// Input records re-read by those restores.
+pub const RESTORED_RECORDS: &str = "tally_aggregator_restored_records_total";
 
 /// Reads committed offsets of a group without joining it.
 pub struct OffsetProbe {
