@@ -37,6 +37,16 @@
 //! a separate output and reconcile. Starting a new consumer group with `--start-from`
 //! would bill already billed usage again.
 //!
+//! # Use
+//! At start: `Semantics::new(&config, &contracts)?` (then
+//! [`Semantics::with_input_partitions`] with the partition count routing uses), which
+//! fails before anything is counted if the fingerprint is too large. In every
+//! checkpoint: [`Semantics::to_wire`]. At each assignment, before restoring a partition
+//! from its checkpoint: [`Semantics::from_wire`] of the committed form, then
+//! [`check_restart`] with the checkpoint's largest classified event time; on `Err` the
+//! partition is not restored and the error (its `Display` names every change and the
+//! way on) stops the aggregator.
+//!
 //! # Wire form
 //! One line of printable ASCII without quotes or backslashes (so it embeds in JSON
 //! unescaped), `;`-separated `key=value` fields:
