@@ -3,12 +3,42 @@
 //! Logs go to stderr through `tracing`, as text or JSON lines (`TALLY_LOG_FORMAT=json`),
 //! filtered by `RUST_LOG` (default `info`). Metrics are served in the Prometheus text
 //! format on `metrics.listen` at `/metrics`.
+//!
+//! Every log event that passes the filter is also counted in
+//! [`LOG_EVENTS`] (`tally_log_events_total{level}`, level one of `error`, `warn`,
+//! `info`, `debug`, `trace`), from the moment the metrics endpoint is up: an alert on
+//! `level="error"` needs no log pipeline, and tests assert that a clean run logged no
+//! error without matching log text.
 
 use std::net::SocketAddr;
 
 use anyhow::Context;
+use metrics::{Unit, counter, describe_counter};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::{Context as LayerContext, Layer, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Log events that passed the filter, by `level`.
+pub(crate) const LOG_EVENTS: &str = "tally_log_events_total";
+
+/// Counts every log event it sees in [`LOG_EVENTS`]; the label comes from the five
+/// tracing levels only.
+struct LogEventCounter;
+
+impl<S: Subscriber> Layer<S> for LogEventCounter {
+    fn on_event(&self, event: &Event<'_>, _context: LayerContext<'_, S>) {
+        let level = match *event.metadata().level() {
+            Level::ERROR => "error",
+            Level::WARN => "warn",
+            Level::INFO => "info",
+            Level::DEBUG => "debug",
+            Level::TRACE => "trace",
+        };
+        counter!(LOG_EVENTS, "level" => level).increment(1);
+    }
+}
 
 /// Installs the global tracing subscriber.
 pub(crate) fn init_logs() {
@@ -17,9 +47,9 @@ pub(crate) fn init_logs() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|format| format == "json") {
-        builder.json().init();
+        builder.json().finish().with(LogEventCounter).init();
     } else {
-        builder.init();
+        builder.finish().with(LogEventCounter).init();
     }
 }
 
@@ -46,5 +76,10 @@ pub(crate) fn init_metrics(
         .with_http_listener(address)
         .install()
         .with_context(|| format!("cannot serve metrics on {address}"))?;
+    describe_counter!(
+        LOG_EVENTS,
+        Unit::Count,
+        "Log events that passed the log filter, by level."
+    );
     Ok(Some(address))
 }

@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 use support::TestTopics;
 use support::eos::{
     EventTime, GeneratedInput, ProducerTuning, committed_offset_sum, create_outputs, create_topics,
-    fresh_outputs, produce_generated, produce_generated_with, verify_against_truth,
+    fresh_outputs, produce_generated, produce_generated_with, verify_against_truth_with,
 };
+use support::money::TruthContracts;
 use support::{bootstrap, rand_name};
 use tally_aggregator::{AggregatorError, AggregatorSettings, ExitReason, RunSummary, StartFrom};
 use tally_core::config::Config;
@@ -125,7 +126,13 @@ fn verify_run(
         truth.counted_corrections > 0,
         "the input must exercise corrections"
     );
-    verify_against_truth(input, outputs, group, PARTITIONS)
+    verify_against_truth_with(
+        input,
+        outputs,
+        group,
+        PARTITIONS,
+        &TruthContracts::parse(CONTRACTS),
+    )
 }
 
 fn settings(input: &GeneratedInput, outputs: &TestTopics, group: &str) -> AggregatorSettings {

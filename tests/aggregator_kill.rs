@@ -23,6 +23,7 @@
 
 mod support;
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -33,14 +34,15 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::TestTopics;
 use support::eos::{
-    AggregatorProcess, ChildConfig, ChildLog, ReadRecord, create_outputs, log_tail,
+    AggregatorProcess, ChildConfig, ChildLog, ReadRecord, create_outputs, free_port, log_tail,
     read_committed_within,
 };
 use support::kill::{
-    ConcurrentReader, EVENT_TIME, OffsetProbe, PARTITIONS, TransactionProbe, Verification,
-    count_log_messages, load_contracts, produce_input, restored_records_in_log, stable_committed,
+    ConcurrentReader, EVENT_TIME, OffsetProbe, PARTITION_RESTORES, PARTITIONS, RESTORED_RECORDS,
+    TransactionProbe, Verification, load_contracts, produce_input, stable_committed,
     verify_against_truth,
 };
+use support::prometheus::{Exposition, counter, try_scrape};
 use tally_aggregator::Checkpoint;
 use tally_core::codec::decode_aggregate;
 use tally_producer::GroundTruth;
@@ -67,8 +69,6 @@ const SLOW_FETCHES: [(&str, &str); 3] = [
     ("queued.min.messages", "1"),
     ("fetch.queue.backoff.ms", "10"),
 ];
-/// The aggregator's log message once a partition is assigned (after its restore).
-const ASSIGNED: &str = "partition assigned";
 
 /// Records per input batch for fast reads.
 const LARGE_BATCHES: u32 = 10_000;
@@ -92,7 +92,8 @@ fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
     }
 }
 
-/// One aggregator deployment under test: its output topics, group, config file and log.
+/// One aggregator deployment under test: its output topics, group, config file, log
+/// and `/metrics` address (its processes run one at a time, so they share the port).
 struct Deployment {
     bootstrap: String,
     topics: TestTopics,
@@ -100,6 +101,10 @@ struct Deployment {
     instance_id: String,
     config: PathBuf,
     log: PathBuf,
+    metrics: String,
+    /// Records re-read by the restores of every process so far, from each process's
+    /// last scrape before it was killed or exited.
+    restored_records: Cell<u64>,
 }
 
 impl Deployment {
@@ -110,9 +115,10 @@ impl Deployment {
         topics.usage_events = input.to_owned();
         create_outputs(&topics, PARTITIONS);
         let group = support::rand_name("kill-group");
-        let config = ChildConfig::new(&group, EVENT_TIME, PARTITIONS)
-            .with_client(client)
-            .write(dir, &group, &topics, PARTITIONS);
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut child = ChildConfig::new(&group, EVENT_TIME, PARTITIONS).with_client(client);
+        child.metrics_listen = metrics.clone();
+        let config = child.write(dir, &group, &topics, PARTITIONS);
         let log = dir.join(format!("{group}.log"));
         Deployment {
             bootstrap,
@@ -121,7 +127,21 @@ impl Deployment {
             group,
             config,
             log,
+            metrics,
+            restored_records: Cell::new(0),
         }
+    }
+
+    /// The running process's `/metrics`, if it serves them yet.
+    fn scrape(&self) -> Option<Exposition> {
+        try_scrape(&self.metrics)
+    }
+
+    /// Adds the records re-read by a process that is about to stop, as `last` shows.
+    fn add_restored(&self, last: Option<&Exposition>) {
+        let records = last.map_or(0.0, |exposition| counter(exposition, RESTORED_RECORDS));
+        self.restored_records
+            .set(self.restored_records.get() + records as u64);
     }
 
     fn spawn(&self, commit_interval_ms: u64, exit_after_idle: bool) -> AggregatorProcess {
@@ -142,12 +162,23 @@ impl Deployment {
     /// Runs until the aggregator exits by itself (idle); asserts exit status 0.
     fn run_to_end(&self, commit_interval_ms: u64) {
         let mut process = self.spawn(commit_interval_ms, true);
-        let status = process.wait_timeout(FINAL_RUN_TIMEOUT).unwrap_or_else(|| {
-            panic!(
+        let started = Instant::now();
+        let mut last = None;
+        let status = loop {
+            if let Some(status) = process.try_status() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < FINAL_RUN_TIMEOUT,
                 "the final run did not exit within {FINAL_RUN_TIMEOUT:?}:\n{}",
                 log_tail(&self.log, 30)
-            )
-        });
+            );
+            if let Some(exposition) = self.scrape() {
+                last = Some(exposition);
+            }
+            thread::sleep(Duration::from_millis(200));
+        };
+        self.add_restored(last.as_ref());
         assert!(
             status.success(),
             "the final run failed ({status}):\n{}",
@@ -253,7 +284,13 @@ fn kill_loop(deployment: &Deployment, plan: &KillPlan, total_offsets: i64) -> Ki
             SHORT_COMMIT_MS
         };
         let before = probe.sum();
-        let assigned_before = count_log_messages(&deployment.log, ASSIGNED);
+        // Partitions with a checkpoint are restored at assignment; the others start
+        // fresh at the same moment.
+        let with_checkpoint = probe
+            .committed()
+            .values()
+            .filter(|entry| entry.is_some())
+            .count();
         let mut process = deployment.spawn(interval, false);
         let blind = rng.random_range(0..4) == 0;
         let started = Instant::now();
@@ -278,8 +315,9 @@ fn kill_loop(deployment: &Deployment, plan: &KillPlan, total_offsets: i64) -> Ki
         } else if long {
             report.kills_long_phase += 1;
             let assigned = || {
-                count_log_messages(&deployment.log, ASSIGNED)
-                    >= assigned_before + PARTITIONS as usize
+                deployment.scrape().is_some_and(|exposition| {
+                    counter(&exposition, PARTITION_RESTORES) >= with_checkpoint as f64
+                })
             };
             wait_for(&assigned, &mut process, "assignment");
             rng.random_range(500..4_500)
@@ -302,6 +340,7 @@ fn kill_loop(deployment: &Deployment, plan: &KillPlan, total_offsets: i64) -> Ki
             log_tail(&deployment.log, 30)
         );
         let committed_at_kill = probe.sum();
+        deployment.add_restored(deployment.scrape().as_ref());
         process.kill();
         let open = transactions.open(&deployment.all_topics());
         report.restores.push(restore_cost(&probe));
@@ -427,7 +466,7 @@ fn crash_soak_with_sigkills_matches_ground_truth() {
     let finished_at = started.elapsed();
 
     let verification = deployment.verify(&truth);
-    let restored = restored_records_in_log(&deployment.log);
+    let restored = deployment.restored_records.get();
     eprintln!(
         "soak: {events} events, {report:?}, restored records {restored}, rows {} (priced {}), \
          concurrent reader saw {} rows, mismatches {}; produce {produced_at:?}, kill loop until \
@@ -517,7 +556,7 @@ fn same_input_gives_identical_rows_across_commit_intervals_and_kills() {
     killed.run_to_end(SHORT_COMMIT_MS);
     let killed_rows = killed.verify(&truth);
     assert_exact("killed run", &killed_rows, &killed);
-    let restored = restored_records_in_log(&killed.log);
+    let restored = killed.restored_records.get();
     eprintln!(
         "rows: {} / {} / {}; kills {report:?}; restored {restored}; wall time {:?}",
         short_rows.rows,
@@ -657,7 +696,7 @@ fn read_committed_reader_running_throughout_sees_nothing_that_disappears() {
          wall time {:?}",
         seen.len(),
         verification.rows,
-        restored_records_in_log(&deployment.log),
+        deployment.restored_records.get(),
         verification.mismatches.len(),
         test_started.elapsed()
     );

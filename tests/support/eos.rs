@@ -29,6 +29,7 @@ use tally_core::partition::PartitionCounters;
 use tally_producer::generator::{TokenSums, WindowTruth};
 use tally_producer::{Generator, GeneratorConfig, GroundTruth};
 
+use super::money::TruthContracts;
 use super::{TestTopics, bootstrap, rand_name};
 
 /// How long a read of a whole topic may take before the test fails.
@@ -685,16 +686,39 @@ impl Sums {
 /// Checks a run's committed outputs and checkpoints against the ground truth and
 /// returns the aggregate rows as a sorted multiset of (key, value):
 /// - every row id appears once and is the record key;
+/// - every row's versions, currency, gross, shares and net equal the tests' own
+///   recomputation from the row's token sums and the contracts TOML
+///   ([`super::money`]), and some rows carry partner shares;
 /// - Σ event counts and token sums per (window, dims) equal the truth, on time and
 ///   corrections split as the truth says;
 /// - usage.late holds exactly the too-late events and usage.dlq exactly the rejected
 ///   records, with the expected reasons and source headers;
 /// - the committed checkpoints' counters equal the truth per partition and conserve.
+///
+/// The binary runs with `deploy/contracts/default.toml` (see `ChildConfig::write`); runs
+/// with other contracts use [`verify_against_truth_with`].
 pub fn verify_against_truth(
     input: &GeneratedInput,
     outputs: &TestTopics,
     group: &str,
     output_partitions: i32,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
+    verify_against_truth_with(
+        input,
+        outputs,
+        group,
+        output_partitions,
+        &TruthContracts::default_file(),
+    )
+}
+
+/// [`verify_against_truth`] for a run priced by `contracts`.
+pub fn verify_against_truth_with(
+    input: &GeneratedInput,
+    outputs: &TestTopics,
+    group: &str,
+    output_partitions: i32,
+    contracts: &TruthContracts,
 ) -> Vec<(Vec<u8>, Vec<u8>)> {
     let truth = &input.truth;
     let rows = read_committed(
@@ -702,6 +726,8 @@ pub fn verify_against_truth(
         &outputs.billing_aggregates,
         output_partitions,
     );
+    let mut money_mismatches: Vec<String> = Vec::new();
+    let mut priced_rows = 0_usize;
     let mut ids: BTreeMap<String, u32> = BTreeMap::new();
     let mut per_key: BTreeMap<DimsKey, (Sums, Sums)> = BTreeMap::new();
     for record in &rows {
@@ -712,6 +738,12 @@ pub fn verify_against_truth(
             "row key is its id"
         );
         *ids.entry(row.id.clone()).or_insert(0) += 1;
+        if let Some(problem) = contracts.check_row(&row) {
+            money_mismatches.push(problem);
+        }
+        if row.gross_micros != 0 && !row.shares.is_empty() {
+            priced_rows += 1;
+        }
         let entry = per_key.entry(row_dims_key(&row)).or_default();
         let sums = if row.correction_seq == 0 {
             &mut entry.0
@@ -720,6 +752,18 @@ pub fn verify_against_truth(
         };
         sums.add(Sums::of_row(&row));
     }
+    assert!(
+        money_mismatches.is_empty(),
+        "{} of {} rows carry other amounts than the contracts give for their token sums, \
+         e.g.:\n{}",
+        money_mismatches.len(),
+        rows.len(),
+        money_mismatches[..money_mismatches.len().min(5)].join("\n")
+    );
+    assert!(
+        priced_rows > 0,
+        "the run priced rows with partner shares (the money check checked something)"
+    );
     let duplicated: Vec<_> = ids.iter().filter(|(_, count)| **count > 1).collect();
     assert!(
         duplicated.is_empty(),

@@ -2,15 +2,13 @@
 //! against a real broker and kill it. The shared pieces (topics, generated input with
 //! its ground truth, config files, the process guard, read_committed readers) live in
 //! [`super::eos`]; this module adds what is specific to kills: the event-time
-//! parameters and partition count of every kill test, JSON log probes, offset and
-//! transaction-state probes, a concurrent reader, and the mismatch-collecting check of
-//! a run against the ground truth (row sums, row amounts recomputed from the
-//! contracts, side topics, checkpoints).
+//! parameters and partition count of every kill test, the restore counters' names,
+//! offset and transaction-state probes, a concurrent reader, and the
+//! mismatch-collecting check of a run against the ground truth (row sums, row amounts
+//! recomputed from the contracts by the tests' own arithmetic in [`super::money`],
+//! side topics, checkpoints).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
@@ -20,12 +18,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_aggregator::Checkpoint;
-use tally_core::aggregate::{BillingAggregate, RowKind};
+use tally_core::aggregate::RowKind;
 use tally_core::codec::decode_aggregate;
-use tally_core::contracts::Contracts;
-use tally_core::money::round_half_even;
 use tally_core::partition::PartitionCounters;
-use tally_core::window::WindowSize;
 use tally_producer::GroundTruth;
 
 use super::TestTopics;
@@ -34,20 +29,17 @@ use super::eos::{
     committed_offsets_within, kafka_client, produce_generated_with, read_committed, row_dims_key,
     to_read_record, topic_reader, truth_dims_key,
 };
+use super::money::TruthContracts;
 
 /// Partitions of every topic of a kill test.
 pub const PARTITIONS: i32 = 4;
 /// Event-time parameters shared by the generator and the aggregator config.
 pub const EVENT_TIME: EventTime = EventTime::EOS;
 
-/// The contracts, loaded the way the aggregator loads them.
-pub fn load_contracts() -> Contracts {
-    let text = std::fs::read_to_string(super::default_contracts_path()).expect("read contracts");
-    Contracts::load(
-        &text,
-        WindowSize::new(EVENT_TIME.window_ms).expect("window"),
-    )
-    .expect("contracts load")
+/// The contracts file the aggregator runs with, read by the tests' own parser (see
+/// [`super::money`]), so row amounts are recomputed without tally-core's pricing.
+pub fn load_contracts() -> TruthContracts {
+    TruthContracts::default_file()
 }
 
 /// Creates `topic` and preloads it with `count` generated records (every class) and,
@@ -65,37 +57,10 @@ pub fn produce_input(topic: &str, count: u64, seed: u64, batch_messages: u32) ->
     .truth
 }
 
-/// The JSON log lines of `log` (none if there is no log yet).
-fn json_log_entries(log: &Path) -> Vec<serde_json::Value> {
-    let Ok(file) = File::open(log) else {
-        return Vec::new();
-    };
-    BufReader::new(file)
-        .lines()
-        .map_while(Result::ok)
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
-        .collect()
-}
-
-/// Records re-read to restore state, summed over the "partition state restored" log
-/// lines of `log`.
-pub fn restored_records_in_log(log: &Path) -> u64 {
-    json_log_entries(log)
-        .iter()
-        .filter(|entry| {
-            entry["fields"]["message"].as_str() == Some("partition state restored from the input")
-        })
-        .filter_map(|entry| entry["fields"]["records"].as_u64())
-        .sum()
-}
-
-/// How many log lines of `log` carry the message `message`.
-pub fn count_log_messages(log: &Path, message: &str) -> usize {
-    json_log_entries(log)
-        .iter()
-        .filter(|entry| entry["fields"]["message"].as_str() == Some(message))
-        .count()
-}
+/// Partitions rebuilt from their committed checkpoint, as `/metrics` counts them.
+pub const PARTITION_RESTORES: &str = "tally_aggregator_partition_restores_total";
+/// Input records re-read by those restores.
+pub const RESTORED_RECORDS: &str = "tally_aggregator_restored_records_total";
 
 /// Reads committed offsets of a group without joining it.
 pub struct OffsetProbe {
@@ -298,87 +263,14 @@ pub struct Verification {
     pub counters: PartitionCounters,
 }
 
-/// A row's amounts recomputed independently: exact gross = Σ tokens × price in i128,
-/// gross = half-even(exact / 10⁹), each share = half-even(exact × bps / 10¹³),
-/// net = gross − Σ shares. Returns the mismatch, if any.
-pub fn check_row_amounts(row: &BillingAggregate, contracts: &Contracts) -> Option<String> {
-    let (book, price) = match contracts.price_for(&row.dims.model, row.window_start_ms) {
-        Ok(found) => found,
-        Err(error) => return Some(format!("row {}: {error}", row.id)),
-    };
-    let Some((rules, beneficiaries)) = contracts.shares_for(
-        row.dims.cloud,
-        row.dims.channel_partner.as_deref(),
-        row.window_start_ms,
-    ) else {
-        return Some(format!("row {}: no share rules in force", row.id));
-    };
-    if row.price_book_version != book.version() || row.share_rule_version != rules.version() {
-        return Some(format!(
-            "row {}: versions {}/{} but {}/{} are in force",
-            row.id,
-            row.price_book_version,
-            row.share_rule_version,
-            book.version(),
-            rules.version()
-        ));
-    }
-    if row.currency != book.currency() {
-        return Some(format!("row {}: currency {}", row.id, row.currency));
-    }
-    let (gross, shares): (i64, Vec<(String, u32, i64)>) = match row.row_kind {
-        RowKind::NonBillable => (0, Vec::new()),
-        RowKind::Billable => {
-            let exact: i128 = i128::from(row.tokens.input) * i128::from(price.input.0)
-                + i128::from(row.tokens.cached_input) * i128::from(price.cached_input.0)
-                + i128::from(row.tokens.output) * i128::from(price.output.0)
-                + i128::from(row.tokens.reasoning) * i128::from(price.reasoning.0);
-            let gross = round_half_even(exact, 1_000_000_000).expect("gross rounds");
-            let shares = beneficiaries
-                .iter()
-                .map(|beneficiary| {
-                    let share = round_half_even(
-                        exact * i128::from(beneficiary.basis_points),
-                        1_000_000_000 * 10_000,
-                    )
-                    .expect("share rounds");
-                    (
-                        beneficiary.partner.clone(),
-                        beneficiary.basis_points,
-                        i64::try_from(share).expect("share fits"),
-                    )
-                })
-                .collect();
-            (i64::try_from(gross).expect("gross fits"), shares)
-        }
-    };
-    let net = gross - shares.iter().map(|(_, _, amount)| amount).sum::<i64>();
-    let actual: Vec<(String, u32, i64)> = row
-        .shares
-        .iter()
-        .map(|share| {
-            (
-                share.beneficiary.clone(),
-                share.basis_points,
-                share.amount_micros,
-            )
-        })
-        .collect();
-    if row.gross_micros != gross || actual != shares || row.net_micros != net {
-        return Some(format!(
-            "row {}: gross {} shares {:?} net {} but recomputed gross {} shares {:?} net {}",
-            row.id, row.gross_micros, actual, row.net_micros, gross, shares, net
-        ));
-    }
-    None
-}
-
 /// Checks a finished run's outputs against the ground truth; every discrepancy becomes
 /// one entry of `mismatches` (the caller asserts it is empty and reports the figures).
 ///
 /// - Σ rows (on time + corrections) per (window, dims) = the truth's counted events and
 ///   token sums, also split by row kind (billable = the price book's billable statuses);
-/// - every row's amounts equal [`check_row_amounts`]; every row id appears once;
+/// - every row's versions, currency, gross, shares and net equal the tests' own
+///   recomputation from its token sums and the contracts TOML
+///   ([`TruthContracts::check_row`]); every row id appears once;
 /// - usage.late / usage.dlq hold exactly `too_late` / `rejected` records, each source
 ///   (partition, offset) once, every one from the input topic;
 /// - every partition's committed checkpoint conserves and equals the truth.
@@ -387,7 +279,7 @@ pub fn verify_against_truth(
     topics: &TestTopics,
     group: &str,
     truth: &GroundTruth,
-    contracts: &Contracts,
+    contracts: &TruthContracts,
 ) -> Verification {
     let mut result = Verification::default();
     let mismatches = &mut result.mismatches;
@@ -411,7 +303,7 @@ pub fn verify_against_truth(
             mismatches.push(format!("row {}: key is not its id", row.id));
         }
         *ids.entry(row.id.clone()).or_default() += 1;
-        if let Some(problem) = check_row_amounts(&row, contracts) {
+        if let Some(problem) = contracts.check_row(&row) {
             mismatches.push(problem);
         }
         if row.gross_micros != 0 {
@@ -433,13 +325,6 @@ pub fn verify_against_truth(
         }
     }
 
-    let billable_statuses: BTreeSet<String> = contracts
-        .price_book_at(truth.first_send_time_ms.unwrap_or(0))
-        .expect("price book in force")
-        .billable_statuses()
-        .into_iter()
-        .map(|status| status.as_str().to_owned())
-        .collect();
     let mut expected: BTreeMap<DimsKey, Sums> = BTreeMap::new();
     let mut expected_kind: BTreeMap<(DimsKey, RowKind), Sums> = BTreeMap::new();
     for window in &truth.windows {
@@ -450,7 +335,7 @@ pub fn verify_against_truth(
             expected.insert(key.clone(), sums);
         }
         for (status, panes) in &window.by_status_sums {
-            let kind = if billable_statuses.contains(status) {
+            let kind = if contracts.is_billable(status, window.window_start_ms) {
                 RowKind::Billable
             } else {
                 RowKind::NonBillable

@@ -4,6 +4,7 @@
 
 pub mod eos;
 pub mod kill;
+pub mod money;
 pub mod prometheus;
 
 use std::path::{Path, PathBuf};

@@ -77,6 +77,35 @@ pub fn scrape(address: &str) -> String {
     body.to_owned()
 }
 
+/// [`scrape`] + [`parse`], or `None` when nothing answers at `address` (the process has
+/// not started its endpoint yet, or has exited) or the answer is not a whole `200`.
+pub fn try_scrape(address: &str) -> Option<Exposition> {
+    let mut stream = TcpStream::connect(address).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let response = String::from_utf8(response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.lines().next().unwrap_or_default();
+    status.contains(" 200").then(|| parse(body))
+}
+
+/// Log events a tally process logged at `level` (`tally_log_events_total`), 0 when it
+/// logged none.
+pub fn log_events(exposition: &Exposition, level: &str) -> f64 {
+    exposition.sum_where("tally_log_events_total", "level", level)
+}
+
+/// Σ of the counter `name` over its label sets, 0 when it was never incremented.
+pub fn counter(exposition: &Exposition, name: &str) -> f64 {
+    exposition.sum(name).unwrap_or(0.0)
+}
+
 /// Parses the text format. Panics on a line that is not a comment, blank or a sample.
 pub fn parse(text: &str) -> Exposition {
     let mut exposition = Exposition::default();

@@ -50,6 +50,9 @@ pub const WINDOW_EMIT_LATENCY: &str = "tally_aggregator_window_emit_latency_seco
 pub const TRANSACTIONS_ABORTED: &str = "tally_aggregator_transactions_aborted_total";
 /// Input records re-read to rebuild partition state after an assignment.
 pub const RESTORED_RECORDS: &str = "tally_aggregator_restored_records_total";
+/// Partitions whose state was rebuilt from their committed checkpoint after an
+/// assignment (partitions without a committed offset start fresh and are not counted).
+pub const PARTITION_RESTORES: &str = "tally_aggregator_partition_restores_total";
 /// Tokens in committed billing rows, by `cloud` and `kind`.
 pub const TOKENS: &str = "tally_aggregator_tokens_total";
 /// Gross revenue in committed billing rows, micro-units of the currency, by `cloud`.
@@ -148,6 +151,11 @@ pub fn describe() {
         RESTORED_RECORDS,
         Unit::Count,
         "Input records re-read to rebuild partition state."
+    );
+    describe_counter!(
+        PARTITION_RESTORES,
+        Unit::Count,
+        "Partitions whose state was rebuilt from their committed checkpoint."
     );
     describe_counter!(
         TOKENS,
@@ -288,8 +296,9 @@ pub(crate) fn count_abort() {
     counter!(TRANSACTIONS_ABORTED).increment(1);
 }
 
-/// Counts re-read records.
+/// Counts one partition restore and the records it re-read.
 pub(crate) fn count_restored(records: u64) {
+    counter!(PARTITION_RESTORES).increment(1);
     counter!(RESTORED_RECORDS).increment(records);
 }
 

@@ -58,6 +58,14 @@
 //! # Share lookup
 //! For (cloud, channel partner) the rule for exactly that pair wins; otherwise the rule
 //! for (cloud, no partner); otherwise no shares (the whole gross is the vendor's net).
+//!
+//! # Digests
+//! [`Contracts::version_digests`] lists every published version with its start and a
+//! [`ContentDigest`] of a canonical encoding of its *parsed* content, so reformatting
+//! the file (comments, key order, `2_500` vs `2500`) changes no digest while editing a
+//! label, a price, a billable status, a rule or a basis point changes one. Checkpoints
+//! keep these digests ([`crate::semantics`]), and a restart refuses contracts that
+//! edit or remove a version already used.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -551,6 +559,192 @@ impl Contracts {
     ) -> Option<(&ShareRuleVersion, &[Beneficiary])> {
         let version = self.share_rules_at(time_ms)?;
         Some((version, version.beneficiaries_for(cloud, channel_partner)))
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Per-version digests: what a checkpoint remembers of the contracts it counted with.
+
+/// The two versioned sections of a contracts file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ContractSection {
+    /// `[[price_book]]`.
+    PriceBook,
+    /// `[[share_rules]]`.
+    ShareRules,
+}
+
+impl ContractSection {
+    /// The section's name in the contracts file.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ContractSection::PriceBook => "price_book",
+            ContractSection::ShareRules => "share_rules",
+        }
+    }
+}
+
+impl std::fmt::Display for ContractSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The first 64 bits of the SHA-256 of a version's canonical encoding, shown as 16
+/// lower-case hex digits. Equal digests mean equal parsed content (label, start,
+/// currency, billable statuses, every price; or every rule and basis point), whatever
+/// the TOML's layout, comments, key order or number spelling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ContentDigest(pub u64);
+
+impl ContentDigest {
+    /// Digest of `canonical` bytes.
+    pub fn of(canonical: &[u8]) -> ContentDigest {
+        use sha2::Digest as _;
+        let hash = sha2::Sha256::digest(canonical);
+        let mut first = [0_u8; 8];
+        first.copy_from_slice(&hash[..8]);
+        ContentDigest(u64::from_be_bytes(first))
+    }
+}
+
+impl std::fmt::Display for ContentDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// One published version, reduced to what a restart compares: its section, label,
+/// start and content digest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VersionDigest {
+    /// Price book or share rules.
+    pub section: ContractSection,
+    /// The version label.
+    pub version: String,
+    /// Start of the version's range, UTC ms.
+    pub effective_from_ms: i64,
+    /// Digest of [`PriceBookVersion::canonical_bytes`] or
+    /// [`ShareRuleVersion::canonical_bytes`].
+    pub digest: ContentDigest,
+}
+
+/// Writes length-prefixed fields, so that the encoding is injective: no two different
+/// contents give the same bytes, whatever characters names contain.
+struct CanonicalWriter {
+    bytes: Vec<u8>,
+}
+
+impl CanonicalWriter {
+    fn new(section: ContractSection) -> CanonicalWriter {
+        let mut writer = CanonicalWriter { bytes: Vec::new() };
+        writer.text("tally-contracts-canonical-v1");
+        writer.text(section.as_str());
+        writer
+    }
+
+    fn text(&mut self, value: &str) {
+        self.bytes
+            .extend_from_slice(&(value.len() as u64).to_be_bytes());
+        self.bytes.extend_from_slice(value.as_bytes());
+    }
+
+    fn number(&mut self, value: i128) {
+        self.bytes.extend_from_slice(&value.to_be_bytes());
+    }
+}
+
+impl PriceBookVersion {
+    /// The canonical encoding of this version's parsed content: label, start,
+    /// currency, billable statuses (schema order), then every model by name with its
+    /// four prices. Every field is length-prefixed or fixed-width, big-endian. This
+    /// encoding is part of the checkpoint format: change it only with the semantics
+    /// version.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut writer = CanonicalWriter::new(ContractSection::PriceBook);
+        writer.text(&self.version);
+        writer.number(i128::from(self.effective_from_ms));
+        writer.text(&self.currency);
+        let billable = self.billable_statuses();
+        writer.number(billable.len() as i128);
+        for status in billable {
+            writer.text(status.as_str());
+        }
+        writer.number(self.models.len() as i128);
+        for (name, price) in &self.models {
+            writer.text(name);
+            for value in [
+                price.input,
+                price.cached_input,
+                price.output,
+                price.reasoning,
+            ] {
+                writer.number(i128::from(value.0));
+            }
+        }
+        writer.bytes
+    }
+
+    /// This version's [`VersionDigest`].
+    pub fn digest(&self) -> VersionDigest {
+        VersionDigest {
+            section: ContractSection::PriceBook,
+            version: self.version.clone(),
+            effective_from_ms: self.effective_from_ms,
+            digest: ContentDigest::of(&self.canonical_bytes()),
+        }
+    }
+}
+
+impl ShareRuleVersion {
+    /// The canonical encoding of this version's parsed content: label, start, then
+    /// every rule in (cloud, channel partner) order with its beneficiaries by partner
+    /// name and their basis points. Fields are length-prefixed or fixed-width,
+    /// big-endian. Part of the checkpoint format, like
+    /// [`PriceBookVersion::canonical_bytes`].
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut writer = CanonicalWriter::new(ContractSection::ShareRules);
+        writer.text(&self.version);
+        writer.number(i128::from(self.effective_from_ms));
+        writer.number(self.rules.len() as i128);
+        for rule in &self.rules {
+            writer.text(rule.cloud.as_str());
+            match &rule.channel_partner {
+                Some(partner) => {
+                    writer.number(1);
+                    writer.text(partner);
+                }
+                None => writer.number(0),
+            }
+            writer.number(rule.beneficiaries.len() as i128);
+            for beneficiary in &rule.beneficiaries {
+                writer.text(&beneficiary.partner);
+                writer.number(i128::from(beneficiary.basis_points));
+            }
+        }
+        writer.bytes
+    }
+
+    /// This version's [`VersionDigest`].
+    pub fn digest(&self) -> VersionDigest {
+        VersionDigest {
+            section: ContractSection::ShareRules,
+            version: self.version.clone(),
+            effective_from_ms: self.effective_from_ms,
+            digest: ContentDigest::of(&self.canonical_bytes()),
+        }
+    }
+}
+
+impl Contracts {
+    /// Every published version with its start and content digest: price-book versions
+    /// in effective order, then share-rule versions in effective order.
+    pub fn version_digests(&self) -> Vec<VersionDigest> {
+        self.price_book
+            .iter()
+            .map(PriceBookVersion::digest)
+            .chain(self.share_rules.iter().map(ShareRuleVersion::digest))
+            .collect()
     }
 }
 

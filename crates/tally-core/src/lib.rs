@@ -16,6 +16,7 @@ pub mod identity;
 pub mod money;
 pub mod partition;
 pub mod routing;
+pub mod semantics;
 pub mod timefmt;
 pub mod validate;
 pub mod window;
