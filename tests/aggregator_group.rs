@@ -1039,3 +1039,92 @@ fn prometheus_parser_reads_help_type_labels_and_values() {
     assert_eq!(parsed.sum("missing"), None);
     assert_eq!(parsed.sum_where("c_bucket", "le", "+Inf"), 2.0);
 }
+
+/// Three members SIGTERMed at the same moment, while records arrive, each exit 0 within
+/// 5 s: assignments that reach a stopping member are not restored, and its transaction
+/// calls are time-limited. Two restarted members then finish the input exactly.
+#[test]
+fn three_members_sigtermed_at_once_each_exit_within_five_seconds() {
+    const STOP_WITHIN: Duration = Duration::from_secs(5);
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let event_time = EventTime::EOS;
+    let stream = PacedInput::start(
+        &rand_name("group-stop-events"),
+        event_time.generator(60_000, 31, PARTITIONS),
+        true,
+        3_000,
+    );
+    let outputs = fresh_outputs(&stream.topic);
+    create_outputs(&outputs, OUTPUT_PARTITIONS);
+    let group = rand_name("group-stop");
+    let child = ChildConfig::new(&group, event_time, OUTPUT_PARTITIONS).live_stream();
+    let suffix = rand_name("");
+    let spawn = |name: &str| {
+        Member::spawn(
+            &child,
+            &outputs,
+            PARTITIONS,
+            dir.path(),
+            name,
+            &format!("{name}{suffix}"),
+            &[],
+        )
+    };
+    let mut members: Vec<Member> = ["a", "b", "c"].into_iter().map(spawn).collect();
+    let total = stream.total_offsets();
+    wait_until(PROGRESS_TIMEOUT, "a third of the input committed", || {
+        stream.committed(&group) >= total / 3
+    });
+    // Every member owns partitions (scrapes answer once each restored its share).
+    for member in &mut members {
+        assert!(member.scrape().is_some(), "the member runs");
+    }
+    let stopped_at = stream.committed(&group);
+    let term_sent = Instant::now();
+    for member in &mut members {
+        member.process.signal("TERM");
+    }
+    for member in &mut members {
+        let status = member.process.wait_timeout(STOP_WITHIN).unwrap_or_else(|| {
+            panic!(
+                "{} still runs {STOP_WITHIN:?} after SIGTERM; log:\n{}",
+                member.process.instance_id,
+                member.process.log_tail(40)
+            )
+        });
+        assert!(
+            status.success(),
+            "{} exits 0 on SIGTERM ({status}); log:\n{}",
+            member.process.instance_id,
+            member.process.log_tail(40)
+        );
+    }
+    let all_exited = term_sent.elapsed();
+    eprintln!(
+        "all three exited {all_exited:?} after SIGTERM, at {stopped_at}/{total} committed ({:?})",
+        started.elapsed()
+    );
+    assert!(stopped_at < total, "the SIGTERMs landed mid-input");
+
+    let mut restarted: Vec<Member> = ["d", "e"].into_iter().map(spawn).collect();
+    let input = stream.finish();
+    wait_until(PROGRESS_TIMEOUT, "the whole input is committed", || {
+        for member in &mut restarted {
+            if let Some(status) = member.process.try_status() {
+                panic!(
+                    "{} exited on its own ({status}); log:\n{}",
+                    member.process.instance_id,
+                    member.process.log_tail(40)
+                );
+            }
+        }
+        input_fully_committed(&input, &group)
+    });
+    for member in &mut restarted {
+        let status = member.process.terminate(STOP_TIMEOUT);
+        assert!(status.success(), "restarted members exit 0 ({status})");
+    }
+    verify_against_truth(&input, &outputs, &group, OUTPUT_PARTITIONS);
+    eprintln!("verified ({:?})", started.elapsed());
+}

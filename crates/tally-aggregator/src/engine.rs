@@ -30,6 +30,7 @@ use tally_core::validate::ValidationLimits;
 use tracing::{debug, error, info, warn};
 
 use crate::checkpoint::Checkpoint;
+use tally_core::semantics::{Semantics, check_restart};
 use crate::error::AggregatorError;
 use crate::metrics::{self as m, PendingTotals};
 use crate::record::{InputRecord, RecordOutcome, RecordRules, TOO_LATE, apply_record, side_record};
@@ -492,8 +493,10 @@ pub(crate) struct Engine {
     limits: ValidationLimits,
     producer: BaseProducer<ProducerCallbacks>,
     partition_count: u32,
-    /// The semantics fingerprint written into every checkpoint.
-    semantics: String,
+    /// The semantics the rows depend on (settings, contract versions, partitions).
+    semantics: Semantics,
+    /// Its wire form, written into every checkpoint.
+    semantics_wire: String,
     in_transaction: bool,
     partitions: BTreeMap<i32, OwnedPartition>,
     transactions_attempted: u64,
@@ -736,7 +739,7 @@ impl Engine {
                     counters: owned.live.counters(),
                     digest: owned.live.digest(),
                     idle_base_ms: owned.idle_base_ms,
-                    semantics: self.semantics.clone(),
+                    semantics: self.semantics_wire.clone(),
                 };
                 let metadata =
                     checkpoint
@@ -1060,6 +1063,16 @@ impl Engine {
                                 source,
                             }
                         })?;
+                    let committed_semantics = Semantics::from_wire(&checkpoint.semantics)?;
+                    check_restart(
+                        &committed_semantics,
+                        &self.semantics,
+                        checkpoint.digest.clock.max_event_time_ms,
+                    )
+                    .map_err(|change| AggregatorError::SemanticsChanged {
+                        partition,
+                        source: Box::new(change),
+                    })?;
                     to_restore.push((
                         partition,
                         checkpoint,
@@ -1498,6 +1511,11 @@ fn start_incarnation(
         .map_err(|source| classify("init transactions", source))?;
     let topic = settings.config.topics.usage_events.clone();
     let partition_count = input_partition_count(&producer, &topic)?;
+    let routed_partitions = i32::try_from(partition_count).map_err(|_| {
+        AggregatorError::Settings(format!("input topic {topic} has too many partitions"))
+    })?;
+    let semantics = Semantics::new(&settings.config, &settings.contracts)?
+        .with_input_partitions(routed_partitions);
     info!(
         transactional_id = %settings.transactional_id(),
         group = %settings.config.aggregator.group_id,
@@ -1512,7 +1530,8 @@ fn start_incarnation(
         settings,
         producer,
         partition_count,
-        semantics: String::new(),
+        semantics_wire: semantics.to_wire(),
+        semantics,
         in_transaction: false,
         partitions: BTreeMap::new(),
         transactions_attempted: 0,

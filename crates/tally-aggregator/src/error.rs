@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use rdkafka::error::KafkaError;
 use tally_core::contracts::ContractsError;
 use tally_core::partition::{DigestMismatch, ParamsError, RowPricingError};
+use tally_core::semantics::{SemanticsChange, SemanticsError};
 
 use crate::checkpoint::CheckpointError;
 
@@ -101,6 +102,19 @@ pub enum AggregatorError {
         /// What differs.
         #[source]
         source: Box<DigestMismatch>,
+    },
+    /// The semantics fingerprint cannot be built (too many contract versions) or a
+    /// committed one cannot be read.
+    #[error("semantics fingerprint")]
+    Semantics(#[from] SemanticsError),
+    /// A partition's committed state was built under other settings or contracts.
+    #[error("partition {partition}: the committed state was built under other semantics")]
+    SemanticsChanged {
+        /// The partition.
+        partition: i32,
+        /// What changed, and how to go on.
+        #[source]
+        source: Box<SemanticsChange>,
     },
     /// Input the restore needs was deleted (retention or `DeleteRecords`).
     #[error(
