@@ -1,26 +1,48 @@
 //! Logs and metrics setup shared by every command.
 //!
-//! Logs go to stderr through `tracing`, as text or JSON lines (`TALLY_LOG_FORMAT=json`),
-//! filtered by `RUST_LOG` (default `info`). Metrics are served in the Prometheus text
-//! format on `metrics.listen` at `/metrics`.
+//! Logs go to stderr through `tracing`, filtered by `RUST_LOG` (default `info`), in one
+//! of two formats chosen by `--log-format` (or `TALLY_LOG_FORMAT`):
+//! - `text` (the default): one human-readable line per event. ANSI colours only when
+//!   stderr is a terminal and `NO_COLOR` is unset, so files, pipes and container log
+//!   collectors never receive escape codes.
+//! - `json`: one JSON object per line for log pipelines, never coloured. The event's
+//!   fields are top-level keys next to `timestamp`, `level`, `target` and `message`.
+//!
+//! Metrics are served in the Prometheus text format on `metrics.listen` at `/metrics`.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing_subscriber::EnvFilter;
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines; coloured only on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
 /// Installs the global tracing subscriber.
-pub(crate) fn init_logs() {
+pub(crate) fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|format| format == "json") {
-        builder.json().init();
-    } else {
-        builder.init();
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_ansi(false).init(),
+        LogFormat::Text => builder.with_ansi(colour_allowed()).init(),
     }
+}
+
+/// Colour only for a person at a terminal who did not ask for none
+/// (<https://no-color.org>).
+fn colour_allowed() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Starts the Prometheus endpoint on `listen` (a `host:port`); an empty string disables it.

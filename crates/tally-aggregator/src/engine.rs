@@ -148,6 +148,9 @@ pub(crate) fn log_client_error(client: &'static str, error: &KafkaError, reason:
         ClientErrorLevel::Transient => {
             warn!(client, code = ?code, %error, reason, "kafka client error");
         }
+        ClientErrorLevel::Misconfigured => {
+            error!(client, code = ?code, %error, reason, "kafka client cannot authenticate");
+        }
     }
 }
 
@@ -160,6 +163,9 @@ pub(crate) enum ClientErrorLevel {
     Transient,
     /// The client cannot go on and the process stops: ERROR.
     Fatal,
+    /// Authentication or TLS failed: librdkafka retries, but no retry fixes a wrong
+    /// password or certificate, so nothing is processed until the config changes: ERROR.
+    Misconfigured,
 }
 
 pub(crate) fn client_error_level(error: &KafkaError) -> ClientErrorLevel {
@@ -168,21 +174,29 @@ pub(crate) fn client_error_level(error: &KafkaError) -> ClientErrorLevel {
             ClientErrorLevel::Routine
         }
         (_, Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::Fenced)) => ClientErrorLevel::Fatal,
+        (_, Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)) => {
+            ClientErrorLevel::Misconfigured
+        }
         _ => ClientErrorLevel::Transient,
     }
 }
 
 /// Forwards a librdkafka log line to `tracing` with structured fields, keeping
-/// librdkafka's level, except for transaction errors (`TXNERR`): the engine receives
-/// every one of them as a return value, aborts and redoes the work, and logs the fatal
-/// ones at ERROR itself, so librdkafka's copy is a WARN.
+/// librdkafka's level, except for lines whose error reaches tally another way, which
+/// are a WARN:
+/// - transaction errors (`TXNERR`): the engine receives every one of them as a return
+///   value, aborts and redoes the work, and logs the fatal ones at ERROR itself;
+/// - broker connection failures (`FAIL`: connection refused, disconnected, transport
+///   failures, all brokers down): librdkafka reconnects by itself and sends the same
+///   failure, with its error code, to [`log_client_error`], which keeps authentication
+///   and TLS failures at ERROR. A broker restart is not data at risk.
 pub(crate) fn log_librdkafka(
     client: &'static str,
     level: RDKafkaLogLevel,
     facility: &str,
     message: &str,
 ) {
-    let handled_by_the_engine = facility == "TXNERR";
+    let handled_by_the_engine = facility == "TXNERR" || facility == "FAIL";
     match level {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
@@ -1580,6 +1594,14 @@ mod tests {
                 RDKafkaErrorCode::UnknownTopicOrPartition
             )),
             ClientErrorLevel::Transient
+        );
+        assert_eq!(
+            client_error_level(&KafkaError::Global(RDKafkaErrorCode::AllBrokersDown)),
+            ClientErrorLevel::Transient
+        );
+        assert_eq!(
+            client_error_level(&KafkaError::Global(RDKafkaErrorCode::Authentication)),
+            ClientErrorLevel::Misconfigured
         );
     }
 }
