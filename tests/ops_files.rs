@@ -428,6 +428,65 @@ fn dashboard_panels_plot_exported_metrics() {
     );
 }
 
+/// Every panel query with the dashboard's variables substituted, in the order of
+/// the panels.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let text = read("deploy/grafana/dashboards/tally.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expression = target["expr"]
+                .as_str()
+                .expect("expr")
+                .replace("$__rate_interval", "1m")
+                .replace("$__range", "1h")
+                .replace("$instance", ".*");
+            let name = format!(
+                "panel_{}_{}",
+                panel["id"],
+                target["refId"].as_str().unwrap_or("A")
+            );
+            queries.push((name, expression));
+        }
+    }
+    queries
+}
+
+/// Prometheus 2.42's parser accepts every panel query: they are written as recording
+/// rules and checked with `promtool check rules` (deploy/local/test.sh installs
+/// Debian's prometheus package, which has promtool).
+#[test]
+fn dashboard_queries_parse_as_promql() {
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (name, expression) in dashboard_queries() {
+        assert!(
+            !expression.contains('$'),
+            "{name}: unsubstituted variable in {expression}"
+        );
+        let quoted = serde_json::to_string(&expression).expect("quote");
+        rules.push_str(&format!(
+            "      - record: dashboard:{name}\n        expr: {quoted}\n"
+        ));
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("dashboard-queries.yml");
+    std::fs::write(&path, rules).expect("write rules");
+    let output = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&path)
+        .output()
+        .expect(
+            "promtool not found: install Debian's prometheus package (deploy/local/test.sh does)",
+        );
+    assert!(
+        output.status.success(),
+        "promtool rejected a dashboard query: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // Config, CLI
 // ---------------------------------------------------------------------------------
