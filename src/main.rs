@@ -32,6 +32,7 @@ struct Cli {
         global = true,
         env = "TALLY_LOG_FORMAT",
         value_enum,
+        ignore_case = true,
         default_value_t
     )]
     log_format: telemetry::LogFormat,

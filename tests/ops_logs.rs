@@ -75,7 +75,10 @@ fn json_log_format_writes_one_object_per_line_by_flag_or_env() {
     let by_env = failing_config_check(|command| {
         command.env("TALLY_LOG_FORMAT", "json");
     });
-    for output in [by_flag, by_env] {
+    let by_env_any_case = failing_config_check(|command| {
+        command.env("TALLY_LOG_FORMAT", "JSON");
+    });
+    for output in [by_flag, by_env, by_env_any_case] {
         assert_eq!(output.status.code(), Some(1));
         assert!(!has_ansi(&output.stderr));
         let lines = json_lines(&output.stderr);
