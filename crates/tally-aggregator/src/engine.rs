@@ -196,31 +196,39 @@ pub(crate) fn log_librdkafka(
     facility: &str,
     message: &str,
 ) {
-    let handled_by_the_engine = facility == "TXNERR" || facility == "FAIL";
+    match librdkafka_level(level, facility) {
+        tracing::Level::ERROR => {
+            error!(target: "librdkafka", client, facility, message, "librdkafka log");
+        }
+        tracing::Level::WARN => {
+            warn!(target: "librdkafka", client, facility, message, "librdkafka log");
+        }
+        tracing::Level::INFO => {
+            info!(target: "librdkafka", client, facility, message, "librdkafka log");
+        }
+        _ => debug!(target: "librdkafka", client, facility, message, "librdkafka log"),
+    }
+}
+
+/// The level a librdkafka log line is logged at (see [`log_librdkafka`]).
+pub(crate) fn librdkafka_level(level: RDKafkaLogLevel, facility: &str) -> tracing::Level {
+    let reported_elsewhere = facility == "TXNERR" || facility == "FAIL";
     match level {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
         | RDKafkaLogLevel::Critical
         | RDKafkaLogLevel::Error
-            if handled_by_the_engine =>
+            if reported_elsewhere =>
         {
-            warn!(target: "librdkafka", client, facility, message, "librdkafka log");
+            tracing::Level::WARN
         }
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
         | RDKafkaLogLevel::Critical
-        | RDKafkaLogLevel::Error => {
-            error!(target: "librdkafka", client, facility, message, "librdkafka log");
-        }
-        RDKafkaLogLevel::Warning => {
-            warn!(target: "librdkafka", client, facility, message, "librdkafka log");
-        }
-        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-            info!(target: "librdkafka", client, facility, message, "librdkafka log");
-        }
-        RDKafkaLogLevel::Debug => {
-            debug!(target: "librdkafka", client, facility, message, "librdkafka log");
-        }
+        | RDKafkaLogLevel::Error => tracing::Level::ERROR,
+        RDKafkaLogLevel::Warning => tracing::Level::WARN,
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::Level::INFO,
+        RDKafkaLogLevel::Debug => tracing::Level::DEBUG,
     }
 }
 
@@ -1602,6 +1610,41 @@ mod tests {
         assert_eq!(
             client_error_level(&KafkaError::Global(RDKafkaErrorCode::Authentication)),
             ClientErrorLevel::Misconfigured
+        );
+    }
+
+    #[test]
+    fn broker_connection_failures_and_transaction_errors_log_as_warnings() {
+        use tracing::Level;
+        // librdkafka logs a refused or dropped broker connection as FAIL at LOG_ERR.
+        assert_eq!(
+            librdkafka_level(RDKafkaLogLevel::Error, "FAIL"),
+            Level::WARN
+        );
+        assert_eq!(
+            librdkafka_level(RDKafkaLogLevel::Error, "TXNERR"),
+            Level::WARN
+        );
+        assert_eq!(
+            librdkafka_level(RDKafkaLogLevel::Critical, "FAIL"),
+            Level::WARN
+        );
+        assert_eq!(
+            librdkafka_level(RDKafkaLogLevel::Error, "SSL"),
+            Level::ERROR
+        );
+        assert_eq!(
+            librdkafka_level(RDKafkaLogLevel::Error, "SASL"),
+            Level::ERROR
+        );
+        assert_eq!(
+            librdkafka_level(RDKafkaLogLevel::Warning, "FAIL"),
+            Level::WARN
+        );
+        assert_eq!(librdkafka_level(RDKafkaLogLevel::Info, "FAIL"), Level::INFO);
+        assert_eq!(
+            librdkafka_level(RDKafkaLogLevel::Debug, "FAIL"),
+            Level::DEBUG
         );
     }
 }
