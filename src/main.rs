@@ -25,6 +25,17 @@ struct Cli {
     /// Configuration file (TOML). Environment overrides: TALLY_<SECTION>__<FIELD>.
     #[arg(long, global = true, env = "TALLY_CONFIG")]
     config: Option<PathBuf>,
+    /// Log line format on stderr: text (coloured only on a terminal) or json (one
+    /// object per line, for log pipelines).
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_LOG_FORMAT",
+        value_enum,
+        ignore_case = true,
+        default_value_t
+    )]
+    log_format: telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,7 +72,7 @@ enum ConfigAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logs();
+    telemetry::init_logs(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -87,7 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config {
             action: ConfigAction::Check,
         } => {
-            println!("{}", toml_pretty(&config)?);
+            println!("{}", toml_pretty(&settings::redacted(&config))?);
             Ok(())
         }
         Command::Aggregate(args) => aggregate::run(config, &args).await,

@@ -4,6 +4,13 @@
 //! `TALLY_KAFKA__BOOTSTRAP_SERVERS=broker:9092` or `TALLY_AGGREGATOR__WINDOW_MS=300000`.
 //! Only variables containing `__` are read, so unrelated `TALLY_*` variables are ignored.
 //! Unknown fields, wrong types and impossible values fail here, naming the field.
+//!
+//! Secrets from files: `kafka.sasl_password_file` is read here, once, and its content
+//! becomes `kafka.client."sasl.password"`, so every Kafka client (the aggregator's,
+//! the producer's, the admin client) gets it the same way. Environment variables cannot
+//! set that dotted key (`TALLY_KAFKA__CLIENT__SASL.PASSWORD` splits at the dot), and a
+//! mounted Secret file keeps the password out of the process environment.
+//! `tally config check` prints password settings as `<redacted>`.
 
 use std::path::Path;
 
@@ -26,11 +33,54 @@ pub(crate) fn load(path: Option<&Path>) -> anyhow::Result<Config> {
             .filter(|key| key.as_str().contains("__"))
             .split("__"),
     );
-    let config: Config = figment
+    let mut config: Config = figment
         .extract()
         .map_err(|error| anyhow::anyhow!(describe(error)))?;
+    read_secret_files(&mut config)?;
     config.validate().context("configuration is invalid")?;
     Ok(config)
+}
+
+/// librdkafka's password setting, filled from `kafka.sasl_password_file`.
+const SASL_PASSWORD: &str = "sasl.password";
+
+/// Moves the content of `kafka.sasl_password_file` into `kafka.client."sasl.password"`.
+fn read_secret_files(config: &mut Config) -> anyhow::Result<()> {
+    let Some(path) = config.kafka.sasl_password_file.clone() else {
+        return Ok(());
+    };
+    if config.kafka.client.contains_key(SASL_PASSWORD) {
+        anyhow::bail!(
+            "invalid config field `kafka.sasl_password_file`: `kafka.client.\"{SASL_PASSWORD}\"` \
+             is set too; set only one of them"
+        );
+    }
+    let content = std::fs::read_to_string(&path).with_context(|| {
+        format!("invalid config field `kafka.sasl_password_file`: cannot read {path:?}")
+    })?;
+    let password = content.strip_suffix('\n').map_or(content.as_str(), |line| {
+        line.strip_suffix('\r').unwrap_or(line)
+    });
+    if password.is_empty() {
+        anyhow::bail!("invalid config field `kafka.sasl_password_file`: {path:?} is empty");
+    }
+    config
+        .kafka
+        .client
+        .insert(SASL_PASSWORD.to_owned(), password.to_owned());
+    Ok(())
+}
+
+/// The config with every password-like librdkafka setting replaced by `<redacted>`,
+/// for printing.
+pub(crate) fn redacted(config: &Config) -> Config {
+    let mut config = config.clone();
+    for (key, value) in &mut config.kafka.client {
+        if key.contains("password") || key.contains("secret") {
+            "<redacted>".clone_into(value);
+        }
+    }
+    config
 }
 
 /// Figment's message names the key (`for key "default.aggregator.window_ms"`); drop
@@ -53,4 +103,60 @@ fn describe(error: figment::Error) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_with_password_file(content: &str) -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("sasl-password");
+        std::fs::write(&path, content).expect("write password file");
+        let mut config = Config::default();
+        config.kafka.sasl_password_file = Some(path.display().to_string());
+        (dir, config)
+    }
+
+    #[test]
+    fn password_file_content_without_its_newline_becomes_sasl_password() {
+        let (_dir, mut config) = config_with_password_file("s3cret\"with quote\n");
+        read_secret_files(&mut config).expect("readable file");
+        assert_eq!(
+            config.kafka.client.get("sasl.password").map(String::as_str),
+            Some("s3cret\"with quote")
+        );
+        let printed = redacted(&config);
+        assert_eq!(
+            printed
+                .kafka
+                .client
+                .get("sasl.password")
+                .map(String::as_str),
+            Some("<redacted>")
+        );
+    }
+
+    #[test]
+    fn password_file_and_inline_password_together_name_the_field() {
+        let (_dir, mut config) = config_with_password_file("a\n");
+        config
+            .kafka
+            .client
+            .insert("sasl.password".to_owned(), "b".to_owned());
+        let error = read_secret_files(&mut config).expect_err("both set");
+        assert!(error.to_string().contains("kafka.sasl_password_file"));
+    }
+
+    #[test]
+    fn missing_or_empty_password_file_names_the_field() {
+        let (_dir, mut config) = config_with_password_file("\n");
+        let empty = read_secret_files(&mut config).expect_err("empty");
+        assert!(empty.to_string().contains("kafka.sasl_password_file"));
+
+        let mut config = Config::default();
+        config.kafka.sasl_password_file = Some("/nonexistent/sasl-password".to_owned());
+        let missing = read_secret_files(&mut config).expect_err("missing");
+        assert!(format!("{missing:#}").contains("kafka.sasl_password_file"));
+    }
 }

@@ -1,15 +1,22 @@
 //! Logs and metrics setup shared by every command.
 //!
-//! Logs go to stderr through `tracing`, as text or JSON lines (`TALLY_LOG_FORMAT=json`),
-//! filtered by `RUST_LOG` (default `info`). Metrics are served in the Prometheus text
-//! format on `metrics.listen` at `/metrics`.
+//! Logs go to stderr through `tracing`, filtered by `RUST_LOG` (default `info`), in one
+//! of two formats chosen by `--log-format` (or `TALLY_LOG_FORMAT`):
+//! - `text` (the default): one human-readable line per event. ANSI colours only when
+//!   stderr is a terminal and `NO_COLOR` is unset, so files, pipes and container log
+//!   collectors never receive escape codes.
+//! - `json`: one JSON object per line for log pipelines, never coloured. The event's
+//!   fields are top-level keys next to `timestamp`, `level`, `target` and `message`.
 //!
-//! Every log event that passes the filter is also counted in
-//! [`LOG_EVENTS`] (`tally_log_events_total{level}`, level one of `error`, `warn`,
-//! `info`, `debug`, `trace`), from the moment the metrics endpoint is up: an alert on
-//! `level="error"` needs no log pipeline, and tests assert that a clean run logged no
-//! error without matching log text.
+//! Metrics are served in the Prometheus text format on `metrics.listen` at `/metrics`.
+//!
+//! Every log event that passes the filter is also counted in [`LOG_EVENTS`]
+//! (`tally_log_events_total{level}`, level one of `error`, `warn`, `info`, `debug`,
+//! `trace`), from the moment the metrics endpoint is up: an alert on `level="error"`
+//! needs no log pipeline, and tests assert that a clean run logged no error without
+//! matching log text.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use anyhow::Context;
@@ -40,17 +47,42 @@ impl<S: Subscriber> Layer<S> for LogEventCounter {
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines; coloured only on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
 /// Installs the global tracing subscriber.
-pub(crate) fn init_logs() {
+pub(crate) fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if std::env::var("TALLY_LOG_FORMAT").is_ok_and(|format| format == "json") {
-        builder.json().finish().with(LogEventCounter).init();
-    } else {
-        builder.finish().with(LogEventCounter).init();
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_ansi(false)
+            .finish()
+            .with(LogEventCounter)
+            .init(),
+        LogFormat::Text => builder
+            .with_ansi(colour_allowed())
+            .finish()
+            .with(LogEventCounter)
+            .init(),
     }
+}
+
+/// Colour only for a person at a terminal who did not ask for none
+/// (<https://no-color.org>).
+fn colour_allowed() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Starts the Prometheus endpoint on `listen` (a `host:port`); an empty string disables it.

@@ -3,6 +3,7 @@
 #
 # Installs missing Debian build packages, starts a real single-node Kafka
 # broker and a PostgreSQL server on 127.0.0.1, then runs, failing fast:
+#   promtool check/test of the alert rules, docker-compose config of the stack,
 #   cargo fmt --check, cargo clippy -D warnings, cargo test, benches in test mode
 # Both services are stopped on exit, whatever happens.
 #
@@ -93,6 +94,8 @@ install_deps() {
   fi
   command -v mvn >/dev/null || missing+=(maven)
   command -v ss >/dev/null || missing+=(iproute2)
+  # promtool, from the same Prometheus release as Debian 12's server (2.42).
+  command -v promtool >/dev/null || missing+=(prometheus)
   if ((${#missing[@]} == 0)); then
     echo "all Debian packages present"
     return 0
@@ -106,6 +109,26 @@ install_deps() {
   "${sudo[@]}" apt-get update -qq
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
     --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# docker-compose (Debian's, 1.29) checks deploy/compose; optional: when the package
+# cannot be installed the compose step is skipped with a loud warning.
+install_compose() {
+  command -v docker-compose >/dev/null && return 0
+  local sudo=()
+  if [[ $(id -u) -ne 0 ]]; then sudo=(sudo -n); fi
+  if ! { "${sudo[@]}" apt-get update -qq &&
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends docker-compose >/dev/null; }; then
+    echo "test.sh: WARNING: the docker-compose package could not be installed;" >&2
+    echo "test.sh: WARNING: deploy/compose/docker-compose.yml is NOT checked" >&2
+  fi
+}
+
+# promtool: the rules load, and every alert's unit tests pass.
+check_alert_rules() {
+  promtool check rules deploy/prometheus/tally-alerts.yml
+  promtool test rules deploy/prometheus/tally-alerts.test.yml
 }
 
 # Prints KEY's value from an env file written by kafka.sh / postgres.sh.
@@ -128,6 +151,13 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 step deps install_deps
+step alert-rules check_alert_rules
+install_compose
+if command -v docker-compose >/dev/null; then
+  step compose docker-compose -f deploy/compose/docker-compose.yml config -q
+else
+  skip_step compose "docker-compose package unavailable: COMPOSE FILE NOT CHECKED"
+fi
 step kafka-fetch "$LOCAL/kafka.sh" fetch
 step kafka-start "$LOCAL/kafka.sh" start
 step pg-start "$LOCAL/postgres.sh" start

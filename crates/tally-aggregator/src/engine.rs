@@ -153,6 +153,9 @@ pub(crate) fn log_client_error(client: &'static str, error: &KafkaError, reason:
         ClientErrorLevel::Transient => {
             warn!(client, code = ?code, %error, reason, "kafka client error");
         }
+        ClientErrorLevel::Misconfigured => {
+            error!(client, code = ?code, %error, reason, "kafka client cannot authenticate");
+        }
     }
 }
 
@@ -165,6 +168,9 @@ pub(crate) enum ClientErrorLevel {
     Transient,
     /// The client cannot go on and the process stops: ERROR.
     Fatal,
+    /// Authentication or TLS failed: librdkafka retries, but no retry fixes a wrong
+    /// password or certificate, so nothing is processed until the config changes: ERROR.
+    Misconfigured,
 }
 
 pub(crate) fn client_error_level(error: &KafkaError) -> ClientErrorLevel {
@@ -173,45 +179,61 @@ pub(crate) fn client_error_level(error: &KafkaError) -> ClientErrorLevel {
             ClientErrorLevel::Routine
         }
         (_, Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::Fenced)) => ClientErrorLevel::Fatal,
+        (_, Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL)) => {
+            ClientErrorLevel::Misconfigured
+        }
         _ => ClientErrorLevel::Transient,
     }
 }
 
 /// Forwards a librdkafka log line to `tracing` with structured fields, keeping
-/// librdkafka's level, except for transaction errors (`TXNERR`): the engine receives
-/// every one of them as a return value, aborts and redoes the work, and logs the fatal
-/// ones at ERROR itself, so librdkafka's copy is a WARN.
+/// librdkafka's level, except for lines whose error reaches tally another way, which
+/// are a WARN:
+/// - transaction errors (`TXNERR`): the engine receives every one of them as a return
+///   value, aborts and redoes the work, and logs the fatal ones at ERROR itself;
+/// - broker connection failures (`FAIL`: connection refused, disconnected, transport
+///   failures, all brokers down): librdkafka reconnects by itself and sends the same
+///   failure, with its error code, to [`log_client_error`], which keeps authentication
+///   and TLS failures at ERROR. A broker restart is not data at risk.
 pub(crate) fn log_librdkafka(
     client: &'static str,
     level: RDKafkaLogLevel,
     facility: &str,
     message: &str,
 ) {
-    let handled_by_the_engine = facility == "TXNERR";
+    match librdkafka_level(level, facility) {
+        tracing::Level::ERROR => {
+            error!(target: "librdkafka", client, facility, message, "librdkafka log");
+        }
+        tracing::Level::WARN => {
+            warn!(target: "librdkafka", client, facility, message, "librdkafka log");
+        }
+        tracing::Level::INFO => {
+            info!(target: "librdkafka", client, facility, message, "librdkafka log");
+        }
+        _ => debug!(target: "librdkafka", client, facility, message, "librdkafka log"),
+    }
+}
+
+/// The level a librdkafka log line is logged at (see [`log_librdkafka`]).
+pub(crate) fn librdkafka_level(level: RDKafkaLogLevel, facility: &str) -> tracing::Level {
+    let reported_elsewhere = facility == "TXNERR" || facility == "FAIL";
     match level {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
         | RDKafkaLogLevel::Critical
         | RDKafkaLogLevel::Error
-            if handled_by_the_engine =>
+            if reported_elsewhere =>
         {
-            warn!(target: "librdkafka", client, facility, message, "librdkafka log");
+            tracing::Level::WARN
         }
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
         | RDKafkaLogLevel::Critical
-        | RDKafkaLogLevel::Error => {
-            error!(target: "librdkafka", client, facility, message, "librdkafka log");
-        }
-        RDKafkaLogLevel::Warning => {
-            warn!(target: "librdkafka", client, facility, message, "librdkafka log");
-        }
-        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-            info!(target: "librdkafka", client, facility, message, "librdkafka log");
-        }
-        RDKafkaLogLevel::Debug => {
-            debug!(target: "librdkafka", client, facility, message, "librdkafka log");
-        }
+        | RDKafkaLogLevel::Error => tracing::Level::ERROR,
+        RDKafkaLogLevel::Warning => tracing::Level::WARN,
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::Level::INFO,
+        RDKafkaLogLevel::Debug => tracing::Level::DEBUG,
     }
 }
 
@@ -1717,6 +1739,49 @@ mod tests {
                 RDKafkaErrorCode::UnknownTopicOrPartition
             )),
             ClientErrorLevel::Transient
+        );
+        assert_eq!(
+            client_error_level(&KafkaError::Global(RDKafkaErrorCode::AllBrokersDown)),
+            ClientErrorLevel::Transient
+        );
+        assert_eq!(
+            client_error_level(&KafkaError::Global(RDKafkaErrorCode::Authentication)),
+            ClientErrorLevel::Misconfigured
+        );
+    }
+
+    #[test]
+    fn broker_connection_failures_and_transaction_errors_log_as_warnings() {
+        use tracing::Level;
+        // librdkafka logs a refused or dropped broker connection as FAIL at LOG_ERR.
+        assert_eq!(
+            librdkafka_level(RDKafkaLogLevel::Error, "FAIL"),
+            Level::WARN
+        );
+        assert_eq!(
+            librdkafka_level(RDKafkaLogLevel::Error, "TXNERR"),
+            Level::WARN
+        );
+        assert_eq!(
+            librdkafka_level(RDKafkaLogLevel::Critical, "FAIL"),
+            Level::WARN
+        );
+        assert_eq!(
+            librdkafka_level(RDKafkaLogLevel::Error, "SSL"),
+            Level::ERROR
+        );
+        assert_eq!(
+            librdkafka_level(RDKafkaLogLevel::Error, "SASL"),
+            Level::ERROR
+        );
+        assert_eq!(
+            librdkafka_level(RDKafkaLogLevel::Warning, "FAIL"),
+            Level::WARN
+        );
+        assert_eq!(librdkafka_level(RDKafkaLogLevel::Info, "FAIL"), Level::INFO);
+        assert_eq!(
+            librdkafka_level(RDKafkaLogLevel::Debug, "FAIL"),
+            Level::DEBUG
         );
     }
 }

@@ -46,6 +46,12 @@ pub struct KafkaConfig {
     /// isolation level, offsets) are applied after these and cannot be weakened.
     #[serde(default)]
     pub client: BTreeMap<String, String>,
+    /// File holding the SASL password (e.g. a mounted Kubernetes Secret); its content,
+    /// without the trailing newline, becomes librdkafka's `sasl.password` for every
+    /// client. Exists because the dotted key `client."sasl.password"` cannot be set
+    /// from a `TALLY_<SECTION>__<FIELD>` environment variable. Setting both is an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_password_file: Option<String>,
 }
 
 fn default_bootstrap_servers() -> String {
@@ -57,6 +63,7 @@ impl Default for KafkaConfig {
         KafkaConfig {
             bootstrap_servers: default_bootstrap_servers(),
             client: BTreeMap::new(),
+            sasl_password_file: None,
         }
     }
 }

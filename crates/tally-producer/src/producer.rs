@@ -294,6 +294,17 @@ impl DeliveryTracker {
 impl ClientContext for DeliveryTracker {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         match level {
+            // Broker connection failures (refused, disconnected, all brokers down):
+            // librdkafka reconnects and retries the messages by itself; a delivery that
+            // finally fails is counted and reported through `delivery`.
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+                if facility == "FAIL" =>
+            {
+                tracing::warn!(target: "librdkafka", facility, "{message}");
+            }
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Critical
