@@ -25,14 +25,18 @@ use std::time::{Duration, Instant};
 
 use support::TestTopics;
 use support::eos::{
-    EventTime, GeneratedInput, ProducerTuning, committed_offset_sum, create_outputs, create_topics,
-    fresh_outputs, produce_generated, produce_generated_with, verify_against_truth_with,
+    EventTime, GeneratedInput, ProducerTuning, committed_checkpoints, committed_offset_sum,
+    create_outputs, create_topics, fresh_outputs, produce_generated, produce_generated_with,
+    produce_into, read_committed, verify_against_truth_with,
 };
 use support::money::TruthContracts;
 use support::{bootstrap, rand_name};
 use tally_aggregator::{AggregatorError, AggregatorSettings, ExitReason, RunSummary, StartFrom};
+use tally_core::codec::decode_aggregate;
 use tally_core::config::Config;
 use tally_core::contracts::Contracts;
+use tally_core::semantics::Change;
+use tally_core::timefmt::format_utc_ms;
 use tally_core::window::WindowSize;
 use tally_producer::{Generator, RecordClass};
 
@@ -399,4 +403,152 @@ fn generator_produces_every_class_for_these_parameters() {
         *seen.entry(name).or_insert(0_u64) += 1;
     }
     assert_eq!(seen.len(), 5, "{seen:?}");
+}
+
+/// Runs the aggregator with `settings` and returns the changes it refused to restart
+/// under (it must refuse).
+fn refused_changes(settings: AggregatorSettings) -> Vec<Change> {
+    match run_aggregator(settings) {
+        Err(AggregatorError::SemanticsChanged { source, .. }) => source.changes,
+        other => panic!("expected a refusal for changed semantics, got {other:?}"),
+    }
+}
+
+/// `settings` with another contracts text.
+fn with_contracts(mut settings: AggregatorSettings, text: &str) -> AggregatorSettings {
+    let window = WindowSize::new(settings.config.aggregator.window_ms).expect("window");
+    settings.contracts = Contracts::load(text, window).expect("test contracts load");
+    settings
+}
+
+/// The test contracts plus a price-book version `label` from `effective_from_ms` with
+/// every price doubled.
+fn contracts_with_new_version(label: &str, effective_from_ms: i64) -> String {
+    let book_start = CONTRACTS.find("[[price_book]]").expect("a price book");
+    let rules_start = CONTRACTS.find("[[share_rules]]").expect("share rules");
+    let mut book = CONTRACTS[book_start..rules_start]
+        .replace("version = \"2024-01\"", &format!("version = \"{label}\""))
+        .replace(
+            "effective_from = \"2024-01-01T00:00:00Z\"",
+            &format!("effective_from = \"{}\"", format_utc_ms(effective_from_ms)),
+        );
+    for (from, to) in [
+        ("= 2_500_000_000", "= 5_000_000_000"),
+        ("= 150_000_000", "= 300_000_000"),
+        ("= 20_000_000", "= 40_000_000"),
+    ] {
+        book = book.replace(from, to);
+    }
+    format!("{CONTRACTS}\n{book}")
+}
+
+/// A restart whose settings or published contracts differ from those the committed
+/// checkpoints were built under is refused, naming each change; so is a new contract
+/// version starting at or before a partition's largest counted event time. A version
+/// starting after it is accepted, and rows from its start on carry it.
+#[test]
+fn restarts_under_other_semantics_are_refused_and_later_versions_accepted() {
+    let input = produce_input(6_000, 17);
+    let outputs = new_outputs(&input);
+    let group = rand_name("agg-test-semantics");
+    let first = run_aggregator(settings(&input, &outputs, &group)).expect("first run");
+    assert_eq!(first.exit, ExitReason::Idle);
+    let checkpoints = committed_checkpoints(&input.bootstrap, &group, &input.topic, PARTITIONS);
+    assert_eq!(checkpoints.len(), PARTITIONS as usize);
+    let max_event_ms = checkpoints
+        .values()
+        .filter_map(|(_, checkpoint)| checkpoint.digest.clock.max_event_time_ms)
+        .max()
+        .expect("events were counted");
+    let max_watermark_ms = checkpoints
+        .values()
+        .filter_map(|(_, checkpoint)| checkpoint.digest.clock.watermark_ms)
+        .max()
+        .expect("watermarks");
+    let window_ms = EVENT_TIME.window_ms;
+
+    let setting_changed = |changes: &[Change], name: &str| {
+        changes
+            .iter()
+            .any(|change| matches!(change, Change::Setting { name: found, .. } if found == name))
+    };
+    let mut changed = settings(&input, &outputs, &group);
+    changed.config.aggregator.window_ms = 5_000;
+    let changes = refused_changes(with_contracts(changed, CONTRACTS));
+    assert!(
+        setting_changed(&changes, "aggregator.window_ms"),
+        "{changes:?}"
+    );
+
+    let mut changed = settings(&input, &outputs, &group);
+    changed.config.aggregator.allowed_lateness_ms += 1_000;
+    changed.config.aggregator.dedupe_horizon_ms += 1_000;
+    let changes = refused_changes(changed);
+    assert!(
+        setting_changed(&changes, "aggregator.allowed_lateness_ms"),
+        "{changes:?}"
+    );
+
+    let mut changed = settings(&input, &outputs, &group);
+    changed.config.validation.max_event_time_ahead_ms += 1;
+    let changes = refused_changes(changed);
+    assert!(
+        setting_changed(&changes, "validation.max_event_time_ahead_ms"),
+        "{changes:?}"
+    );
+
+    // A published version edited in place.
+    let edited = CONTRACTS.replace("basis_points = 2000", "basis_points = 2100");
+    let changes = refused_changes(with_contracts(settings(&input, &outputs, &group), &edited));
+    assert!(
+        changes
+            .iter()
+            .any(|change| matches!(change, Change::VersionEdited { .. })),
+        "{changes:?}"
+    );
+
+    // A new version starting inside already counted event time.
+    let inside = max_event_ms.div_euclid(window_ms) * window_ms;
+    let changes = refused_changes(with_contracts(
+        settings(&input, &outputs, &group),
+        &contracts_with_new_version("2099-inside", inside),
+    ));
+    assert!(
+        changes.iter().any(|change| matches!(
+            change,
+            Change::VersionStartsInClassifiedTime { effective_from_ms, .. } if *effective_from_ms == inside
+        )),
+        "{changes:?}"
+    );
+
+    // A new version after every partition's largest counted event time: accepted. New
+    // input after the first run's final ticks is priced by it from its start on.
+    let next_from = (max_watermark_ms + 3_600_000).div_euclid(window_ms) * window_ms;
+    assert!(next_from > max_event_ms);
+    let mut later = EVENT_TIME.generator(3_000, 18, PARTITIONS);
+    // 3 000 events at 400 per second: 7.5 s of send time across `next_from`.
+    later.start_time_ms = next_from - 3_000;
+    let _second = produce_into(&input.topic, later, true, None, ProducerTuning::DEFAULT);
+    let accepted = with_contracts(
+        settings(&input, &outputs, &group),
+        &contracts_with_new_version("2099-next", next_from),
+    );
+    let second_run = run_aggregator(accepted).expect("a later version is accepted");
+    assert_eq!(second_run.exit, ExitReason::Idle);
+    let rows: Vec<_> = read_committed(&input.bootstrap, &outputs.billing_aggregates, PARTITIONS)
+        .iter()
+        .map(|record| decode_aggregate(&record.value).expect("rows decode"))
+        .collect();
+    let (mut old, mut new) = (0, 0);
+    for row in &rows {
+        if row.window_start_ms >= next_from {
+            assert_eq!(row.price_book_version, "2099-next", "{row:?}");
+            new += 1;
+        } else {
+            assert_eq!(row.price_book_version, "2024-01", "{row:?}");
+            old += 1;
+        }
+    }
+    eprintln!("rows under the first version {old}, under the later one {new}");
+    assert!(old > 0 && new > 0);
 }

@@ -519,7 +519,9 @@ fn assert_restore_is_bounded(restores: &[RestoreCost]) {
         .map(|cost| cost.reread)
         .max();
     let (Some(early), Some(late)) = (early, late) else {
-        panic!("the kills must land both early (3–8 horizons) and late (≥ 20 horizons): {restores:?}");
+        panic!(
+            "the kills must land both early (3–8 horizons) and late (≥ 20 horizons): {restores:?}"
+        );
     };
     assert!(
         late * 10 <= early * 11,

@@ -282,7 +282,7 @@ impl PacedInput {
     }
 }
 
-fn produce_into(
+pub fn produce_into(
     topic: &str,
     config: GeneratorConfig,
     end_tick: bool,

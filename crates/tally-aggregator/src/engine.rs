@@ -30,12 +30,12 @@ use tally_core::validate::ValidationLimits;
 use tracing::{debug, error, info, warn};
 
 use crate::checkpoint::Checkpoint;
-use tally_core::semantics::{Semantics, check_restart};
 use crate::error::AggregatorError;
 use crate::metrics::{self as m, PendingTotals};
 use crate::record::{InputRecord, RecordOutcome, RecordRules, TOO_LATE, apply_record, side_record};
 use crate::restore::{Restored, rebuild_partition};
 use crate::settings::{AggregatorSettings, StartFrom};
+use tally_core::semantics::{Semantics, check_restart};
 
 /// Timeout of blocking metadata and transaction calls.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -352,7 +352,11 @@ impl OwnedPartition {
     /// the partition's tick base (largest counted event time or last tick time) plus
     /// the idle time that passed — never the wall clock's absolute value.
     fn tick_time_ms(&self, now_ms: i64) -> Option<i64> {
-        Some(self.live.tick_base_ms()?.saturating_add(self.idle_ms(now_ms)))
+        Some(
+            self.live
+                .tick_base_ms()?
+                .saturating_add(self.idle_ms(now_ms)),
+        )
     }
 
     /// Whether a tick written at `now_ms` would close nothing.
@@ -1270,7 +1274,10 @@ impl ConsumerContext for AggregatorContext {
                     // Stopping: the partitions are not taken (no restore, no fetch);
                     // the group hands them to another member once this one leaves.
                     Ok(false) => {
-                        info!(partitions = tpl.count(), "assignment ignored while stopping");
+                        info!(
+                            partitions = tpl.count(),
+                            "assignment ignored while stopping"
+                        );
                     }
                     Ok(true) => {
                         let assigned = if cooperative {
