@@ -32,7 +32,12 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
 use support::TestTopics;
+use support::eos::kafka_client;
 use support::eos::{
     AggregatorProcess, ChildConfig, ChildLog, ReadRecord, create_outputs, free_port, log_tail,
     read_committed_within,
@@ -655,6 +660,33 @@ fn sigterm_commits_and_exits_zero_then_restart_continues_exactly() {
     );
     assert!(after_term < total, "the SIGTERM landed mid-input");
 
+    // Retention: delete each partition's input below its committed low water. A clone
+    // of the group's checkpoints (its own group and outputs) keeps them for later.
+    let committed = probe.committed();
+    let low_waters: BTreeMap<i32, (i64, i64)> = committed
+        .iter()
+        .map(|(partition, entry)| {
+            let (offset, metadata) = entry.clone().expect("every partition committed");
+            let checkpoint = Checkpoint::from_metadata(&metadata).expect("a tally checkpoint");
+            (*partition, (checkpoint.low_water.offset, offset))
+        })
+        .collect();
+    let clone = Deployment::new(dir.path(), &input, &SLOW_FETCHES);
+    commit_offsets(&bootstrap, &clone.group, &input, &committed);
+    let deleted: i64 = low_waters.values().map(|(low, _)| low).sum();
+    assert!(
+        deleted > 0,
+        "input lies below the low water: {low_waters:?}"
+    );
+    delete_records(
+        &bootstrap,
+        &input,
+        low_waters
+            .iter()
+            .map(|(partition, (low, _))| (*partition, *low)),
+    );
+    eprintln!("deleted {deleted} input offsets below the low waters {low_waters:?}");
+
     deployment.run_to_end(SHORT_COMMIT_MS);
     let verification = deployment.verify(&truth);
     eprintln!(
@@ -670,6 +702,77 @@ fn sigterm_commits_and_exits_zero_then_restart_continues_exactly() {
             .contains(&(record.key.clone().unwrap_or_default(), record.value.clone()))),
         "rows committed at the SIGTERM are part of the final result"
     );
+
+    // Input deleted above a low water: the clone's restore of that partition refuses,
+    // the process exits with an error, and the clone's committed offsets stay put.
+    let (&partition, &(low, _)) = low_waters
+        .iter()
+        .find(|(_, (low, offset))| low < offset)
+        .expect("a partition with live state at the SIGTERM");
+    delete_records(&bootstrap, &input, [(partition, low + 1)]);
+    let mut refused = clone.spawn(SHORT_COMMIT_MS, false);
+    let status = refused
+        .wait_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("the restore did not refuse:\n{}", log_tail(&clone.log, 30)));
+    assert!(!status.success(), "the restore refused: {status}");
+    let clone_probe = OffsetProbe::new(&bootstrap, &clone.group, &input);
+    assert_eq!(clone_probe.committed(), committed, "nothing was committed");
+}
+
+/// Commits `committed` (offsets and metadata) for `group` on `topic`, as a group-less
+/// consumer: a copy of another group's checkpoints.
+fn commit_offsets(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    committed: &BTreeMap<i32, Option<(i64, String)>>,
+) {
+    let consumer: BaseConsumer = kafka_client(bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut offsets = TopicPartitionList::new();
+    for (partition, entry) in committed {
+        let (offset, metadata) = entry.clone().expect("committed");
+        let mut element = offsets.add_partition(topic, *partition);
+        element.set_offset(Offset::Offset(offset)).expect("offset");
+        element.set_metadata(metadata);
+    }
+    consumer
+        .commit(&offsets, CommitMode::Sync)
+        .expect("commit a copy of the checkpoints");
+}
+
+/// Deletes the records of `topic` below the given offsets (`DeleteRecords`).
+fn delete_records(bootstrap: &str, topic: &str, below: impl IntoIterator<Item = (i32, i64)>) {
+    let admin: AdminClient<DefaultClientContext> =
+        kafka_client(bootstrap).create().expect("admin client");
+    let mut offsets = TopicPartitionList::new();
+    for (partition, offset) in below {
+        offsets
+            .add_partition_offset(topic, partition, Offset::Offset(offset))
+            .expect("offset");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result = runtime
+        .block_on(admin.delete_records(
+            &offsets,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        ))
+        .expect("delete records");
+    for element in result.elements() {
+        assert!(
+            element.error().is_ok(),
+            "delete records of {}/{}: {:?}",
+            element.topic(),
+            element.partition(),
+            element.error()
+        );
+    }
 }
 
 #[test]
