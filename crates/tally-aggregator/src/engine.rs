@@ -709,6 +709,18 @@ impl Engine {
         }
     }
 
+    /// After a poll that waited and got nothing: every owned partition is at its end
+    /// (librdkafka prefetches, so a partition with a backlog keeps the queue filled).
+    /// librdkafka reports a partition's end itself only when a fetch returns nothing,
+    /// which never happens while records (duplicates, junk) trickle in faster than
+    /// `fetch.wait.max.ms`. A tick written a little early is harmless: it is appended
+    /// after whatever backlog the partition still has and acts only when read back.
+    fn on_quiet(&mut self) {
+        for owned in self.partitions.values_mut() {
+            owned.at_end = true;
+        }
+    }
+
     /// Appends a tick to every partition idle at its end for the idle timeout.
     fn write_idle_ticks(&mut self) -> Result<(), AggregatorError> {
         let idle_timeout_ms = self.settings.config.aggregator.idle_timeout_ms;
@@ -1679,6 +1691,9 @@ fn drive(
         processed?;
         if let Some(partition) = end_reached {
             engine.on_eof(partition);
+        }
+        if quiet {
+            engine.on_quiet();
         }
         if !quiet && now.saturating_duration_since(last_housekeeping) < HOUSEKEEPING_EVERY {
             continue;
