@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use metrics::{counter, gauge, histogram};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -192,6 +192,10 @@ impl ClientContext for SinkContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka also reports a partition's end here; the loop gets it from poll.
+        if matches!(error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            return;
+        }
         warn!(error = %error, reason, "kafka client error");
     }
 }
