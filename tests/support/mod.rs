@@ -5,6 +5,7 @@
 pub mod eos;
 pub mod kill;
 pub mod prometheus;
+pub mod sink;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
