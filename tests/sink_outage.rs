@@ -11,64 +11,18 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use support::eos::{create_topics, free_port, kafka_client, read_committed};
+use support::eos::{create_topics, free_port, read_committed};
 use support::prometheus::{parse, scrape};
 use support::sink::{
     RUN_TIMEOUT, SinkProcess, assert_store_equals, pg_fresh_database, pg_row_count, pg_snapshot,
-    sink_config, wait_exit, wait_for_rows,
+    produce_synthetic_rows, sink_config, wait_exit, wait_for_rows,
 };
 use support::{TestTopics, bootstrap, rand_name};
-use tally_core::aggregate::{BillingAggregate, Dims, PartnerShare, RowKind};
-use tally_core::codec::encode_aggregate;
-use tally_core::event::{Cloud, TokenCounts};
 
 const PARTITIONS: i32 = 2;
 const ROWS: i64 = 3_000;
 /// Longer than the sink's max.poll.interval.ms (6 s below).
 const OUTAGE: Duration = Duration::from_secs(9);
-
-fn row(index: i64) -> BillingAggregate {
-    let gross = 1_000 + index * 37;
-    let share = gross / 4;
-    BillingAggregate {
-        id: format!("outage-{index:06}"),
-        window_start_ms: 1_767_225_600_000 + index * 60_000,
-        window_end_ms: 1_767_225_600_000 + (index + 1) * 60_000,
-        dims: Dims {
-            tenant_id: format!("tenant-{}", index % 7),
-            model: "atlas-large".to_owned(),
-            cloud: Cloud::Azure,
-            channel_partner: Some("contoso".to_owned()),
-            region: "westeurope".to_owned(),
-        },
-        row_kind: RowKind::Billable,
-        correction_seq: 0,
-        event_count: 2,
-        tokens: TokenCounts {
-            input: 40,
-            cached_input: 4,
-            output: 20,
-            reasoning: 2,
-        },
-        currency: "EUR".to_owned(),
-        gross_micros: gross,
-        shares: vec![PartnerShare {
-            beneficiary: "microsoft".to_owned(),
-            basis_points: 2500,
-            amount_micros: share,
-        }],
-        net_micros: gross - share,
-        price_book_version: "2024-01".to_owned(),
-        share_rule_version: "2024-01".to_owned(),
-        source_topic: "usage.events".to_owned(),
-        source_partition: 0,
-        first_offset: index,
-        last_offset: index,
-        first_event_time_ms: 1_767_225_600_000 + index * 60_000,
-        last_event_time_ms: 1_767_225_600_000 + index * 60_000,
-    }
-}
 
 fn postgres_sh(action: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/local/postgres.sh");
@@ -106,24 +60,7 @@ fn a_database_outage_longer_than_the_poll_interval_loses_and_skips_nothing() {
         dlq: format!("{base}.usage.dlq"),
     };
     create_topics(&bootstrap(), &[&topics.billing_aggregates], PARTITIONS);
-    let producer: BaseProducer = kafka_client(&bootstrap())
-        .set("enable.idempotence", "true")
-        .create()
-        .expect("producer");
-    for index in 0..ROWS {
-        let mut value = Vec::new();
-        encode_aggregate(&row(index), &mut value);
-        let partition = i32::try_from(index % i64::from(PARTITIONS)).expect("small");
-        producer
-            .send(
-                BaseRecord::<[u8], [u8]>::to(&topics.billing_aggregates)
-                    .partition(partition)
-                    .payload(&value),
-            )
-            .expect("enqueue");
-        producer.poll(Duration::ZERO);
-    }
-    producer.flush(Duration::from_secs(30)).expect("flush");
+    produce_synthetic_rows(&topics.billing_aggregates, PARTITIONS, 0..ROWS);
     let records = read_committed(&bootstrap(), &topics.billing_aggregates, PARTITIONS);
     assert_eq!(records.len() as i64, ROWS);
 

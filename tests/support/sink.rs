@@ -8,13 +8,16 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use sha2::{Digest, Sha256};
-use tally_core::aggregate::BillingAggregate;
+use tally_core::aggregate::{BillingAggregate, Dims, PartnerShare, RowKind};
 use tally_core::codec::decode_aggregate;
+use tally_core::codec::encode_aggregate;
+use tally_core::event::{Cloud, TokenCounts};
 
 use super::TestTopics;
-use super::eos::{ChildConfig, EventTime, ReadRecord};
-use super::rand_name;
+use super::eos::{ChildConfig, EventTime, ReadRecord, kafka_client};
+use super::{bootstrap, rand_name};
 
 /// Partitions of the sink tests' topics.
 pub const PARTITIONS: i32 = 4;
@@ -444,4 +447,70 @@ pub fn wait_for_rows(what: &str, expected: i64, count: impl Fn() -> i64, sink: &
         );
         thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A synthetic row: distinct id, one minute per index, a share for microsoft.
+pub fn synthetic_row(index: i64) -> BillingAggregate {
+    let gross = 1_000 + index * 37;
+    let share = gross / 4;
+    BillingAggregate {
+        id: format!("outage-{index:06}"),
+        window_start_ms: 1_767_225_600_000 + index * 60_000,
+        window_end_ms: 1_767_225_600_000 + (index + 1) * 60_000,
+        dims: Dims {
+            tenant_id: format!("tenant-{}", index % 7),
+            model: "atlas-large".to_owned(),
+            cloud: Cloud::Azure,
+            channel_partner: Some("contoso".to_owned()),
+            region: "westeurope".to_owned(),
+        },
+        row_kind: RowKind::Billable,
+        correction_seq: 0,
+        event_count: 2,
+        tokens: TokenCounts {
+            input: 40,
+            cached_input: 4,
+            output: 20,
+            reasoning: 2,
+        },
+        currency: "EUR".to_owned(),
+        gross_micros: gross,
+        shares: vec![PartnerShare {
+            beneficiary: "microsoft".to_owned(),
+            basis_points: 2500,
+            amount_micros: share,
+        }],
+        net_micros: gross - share,
+        price_book_version: "2024-01".to_owned(),
+        share_rule_version: "2024-01".to_owned(),
+        source_topic: "usage.events".to_owned(),
+        source_partition: 0,
+        first_offset: index,
+        last_offset: index,
+        first_event_time_ms: 1_767_225_600_000 + index * 60_000,
+        last_event_time_ms: 1_767_225_600_000 + index * 60_000,
+    }
+}
+
+/// Produces the synthetic rows `indexes` round-robin over `partitions` partitions of
+/// `topic`.
+pub fn produce_synthetic_rows(topic: &str, partitions: i32, indexes: std::ops::Range<i64>) {
+    let producer: BaseProducer = kafka_client(&bootstrap())
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer");
+    for index in indexes {
+        let mut value = Vec::new();
+        encode_aggregate(&synthetic_row(index), &mut value);
+        let partition = i32::try_from(index % i64::from(partitions)).expect("small");
+        producer
+            .send(
+                BaseRecord::<[u8], [u8]>::to(topic)
+                    .partition(partition)
+                    .payload(&value),
+            )
+            .expect("enqueue");
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
 }
