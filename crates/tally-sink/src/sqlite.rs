@@ -385,3 +385,105 @@ fn rollup_key(row: &rusqlite::Row<'_>) -> rusqlite::Result<RollupKey> {
         currency: row.get(7)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use tally_core::aggregate::{BillingAggregate, Dims, RowKind};
+    use tally_core::event::{Cloud, TokenCounts};
+
+    use super::*;
+    use crate::rows::{Position, StoredRow};
+    use crate::store::{OffsetAdvance, Store, StoreLocation};
+
+    fn stored(id: &str, offset: i64, gross_micros: i64) -> StoredRow {
+        let row = BillingAggregate {
+            id: id.to_owned(),
+            window_start_ms: 0,
+            window_end_ms: 60_000,
+            dims: Dims {
+                tenant_id: "t".to_owned(),
+                model: "m".to_owned(),
+                cloud: Cloud::Aws,
+                channel_partner: None,
+                region: "r".to_owned(),
+            },
+            row_kind: RowKind::Billable,
+            correction_seq: 0,
+            event_count: 1,
+            tokens: TokenCounts::default(),
+            currency: "USD".to_owned(),
+            gross_micros,
+            shares: Vec::new(),
+            net_micros: gross_micros,
+            price_book_version: "p".to_owned(),
+            share_rule_version: "s".to_owned(),
+            source_topic: "in".to_owned(),
+            source_partition: 0,
+            first_offset: 0,
+            last_offset: 0,
+            first_event_time_ms: 0,
+            last_event_time_ms: 0,
+        };
+        let bytes = format!("{id}/{gross_micros}");
+        StoredRow::new(
+            row,
+            bytes.as_bytes(),
+            Position {
+                topic: "aggregates".to_owned(),
+                partition: 0,
+                offset,
+            },
+        )
+    }
+
+    fn batch(rows: Vec<StoredRow>, expected: Option<i64>, next: i64) -> Batch {
+        Batch {
+            rows,
+            offsets: vec![OffsetAdvance {
+                topic: "aggregates".to_owned(),
+                partition: 0,
+                expected,
+                next,
+            }],
+        }
+    }
+
+    #[test]
+    fn an_overflowing_rollup_sum_fails_the_batch_and_stores_nothing_of_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let location = StoreLocation::Sqlite(dir.path().join("s.db").display().to_string());
+        let mut store = Store::open(&location, Duration::from_secs(5)).expect("open");
+        store
+            .write_batch(&batch(vec![stored("a", 0, i64::MAX)], None, 1))
+            .expect("first batch");
+        let error = store
+            .write_batch(&batch(vec![stored("b", 1, 1)], Some(1), 2))
+            .expect_err("the bucket's gross would overflow");
+        assert!(matches!(error, SinkError::Sqlite { .. }), "{error}");
+        assert_eq!(
+            store.load_offsets("aggregates").expect("offsets").get(&0),
+            Some(&1),
+            "the failed batch did not advance the offset"
+        );
+        let lines = store.rollup_lines(i64::MIN, i64::MAX).expect("roll-ups");
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0].1.gross_micros, i64::MAX);
+        assert_eq!(lines[0].1.rows, 1);
+    }
+
+    #[test]
+    fn reopening_a_migrated_file_keeps_its_rows() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let location = StoreLocation::Sqlite(dir.path().join("s.db").display().to_string());
+        let mut store = Store::open(&location, Duration::from_secs(5)).expect("open");
+        store
+            .write_batch(&batch(vec![stored("a", 0, 7)], None, 1))
+            .expect("batch");
+        drop(store);
+        let mut store = Store::open(&location, Duration::from_secs(5)).expect("reopen");
+        assert_eq!(
+            store.load_offsets("aggregates").expect("offsets").get(&0),
+            Some(&1)
+        );
+    }
+}
