@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use support::TestTopics;
 use support::eos::{
     ChildConfig, ReadRecord, create_outputs, free_port, fresh_outputs, produce_generated,
-    read_committed,
+    read_committed, verify_against_truth,
 };
 use support::prometheus::{parse, scrape};
 use support::rand_name;
@@ -74,6 +74,9 @@ fn fixture() -> &'static Fixture {
             .expect("spawn tally aggregate");
         let status = wait_exit(&mut aggregator, RUN_TIMEOUT);
         assert!(status.success(), "tally aggregate failed: {status}");
+        // The topic's rows equal the generator's ground truth (the aggregator's own
+        // check), so a store equal to the topic equals the truth too.
+        verify_against_truth(&input, &topics, &group, PARTITIONS);
         let records = read_committed(
             &support::bootstrap(),
             &topics.billing_aggregates,
