@@ -459,6 +459,14 @@ fn report(request: &ReportRequest, lines: Vec<ReportLine>) -> Report {
 
 /// Reads the store and computes the report.
 pub fn build(location: &StoreLocation, request: &ReportRequest) -> Result<Report, SinkError> {
+    if let StoreLocation::Sqlite(path) = location
+        && !std::path::Path::new(path).exists()
+    {
+        return Err(SinkError::Setting {
+            field: "--database",
+            problem: format!("no SQLite store at {path}"),
+        });
+    }
     let mut store = Store::open(location, Duration::from_secs(30))?;
     if request.shares() {
         let lines = store.share_lines(request.from_ms, request.to_ms)?;
