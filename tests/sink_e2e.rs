@@ -182,10 +182,10 @@ fn sqlite_store_survives_a_sigkill_mid_run() {
     );
     let group = rand_name("sink-sqlite");
     let total = fixture.records.len() as i64;
-    let mut sink = SinkProcess::spawn(&config, &database, &group, &["--batch-max-rows", "20"]);
+    let mut sink = SinkProcess::spawn(&config, &database, &group, &["--batch-max-rows", "5"]);
     let kill_started = Instant::now();
     let mut at_kill = 0;
-    while at_kill < total / 4 {
+    while at_kill < total / 10 {
         at_kill = sqlite_row_count(&path);
         assert!(
             sink.child.try_wait().expect("wait").is_none(),
