@@ -2,13 +2,15 @@
 //!
 //! Subcommands: `aggregate` (the exactly-once aggregator), `topics create` (create
 //! and check the pipeline's topics), `produce`
-//! (deterministic synthetic traffic with a ground-truth file), `config check`
+//! (deterministic synthetic traffic with a ground-truth file), `sink` (aggregates into
+//! the billing store), `report` (totals from the store in any time zone), `config check`
 //! (validate the configuration).
 
 mod aggregate;
 mod kafka;
 mod produce;
 mod settings;
+mod sink;
 mod telemetry;
 mod topics;
 
@@ -51,6 +53,10 @@ enum Command {
     Aggregate(Box<tally_aggregator::AggregateArgs>),
     /// Produce deterministic synthetic traffic into usage.events and write its ground truth.
     Produce(Box<tally_producer::GeneratorArgs>),
+    /// Write billing.aggregates into the billing store, exactly once (runs until SIGTERM).
+    Sink(Box<tally_sink::SinkArgs>),
+    /// Hourly, daily or monthly totals from the billing store in any IANA time zone.
+    Report(Box<tally_sink::report::ReportArgs>),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -103,6 +109,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Aggregate(args) => aggregate::run(config, &args).await,
         Command::Produce(args) => produce::run(&config, &args).await,
+        Command::Sink(args) => sink::run(config, &args).await,
+        Command::Report(args) => sink::report(*args).await,
         Command::Topics {
             action: TopicsAction::Create,
         } => {

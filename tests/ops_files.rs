@@ -540,6 +540,7 @@ fn check_env_var(place: &str, name: &str, fields: &BTreeSet<String>) {
     let sources = [
         read("src/main.rs"),
         read("crates/tally-aggregator/src/settings.rs"),
+        read("crates/tally-sink/src/run.rs"),
     ];
     assert!(
         sources.iter().any(|source| source.contains(&declared)),

@@ -5,6 +5,10 @@
 #                       port, create database tally_test, record
 #                       TALLY_TEST_PG_URL in $TALLY_RUN_DIR/postgres.env
 #   postgres.sh stop    stop it and delete the dir
+#   postgres.sh pause   freeze the server (SIGSTOP to the postmaster and every
+#                       process it forked): connections hang, new ones time
+#                       out, as with a stalled host. Outage tests use it.
+#   postgres.sh resume  SIGCONT the same processes; the server goes on as before
 #
 # Env: TALLY_RUN_DIR (default /tmp/tally-run).
 # shellcheck source-path=SCRIPTDIR
@@ -164,11 +168,42 @@ stop() {
   rm -f "$ENV_FILE"
 }
 
+# Prints the postmaster's pid and the pids of the processes it forked.
+server_pids() {
+  [[ -f $ENV_FILE ]] || die "no server recorded in $ENV_FILE"
+  local dir pid
+  dir="$(env_get "$ENV_FILE" TALLY_PG_DIR)"
+  [[ -n $dir && -f $dir/data/postmaster.pid ]] || die "no postmaster.pid under $dir/data"
+  pid="$(head -n 1 "$dir/data/postmaster.pid")"
+  pid_alive "$pid" || die "postmaster pid $pid is not running"
+  echo "$pid"
+  pgrep -P "$pid" || true
+}
+
+# Sends SIGNAL to the server's processes; the postmaster first on STOP (so it
+# forks no new backend meanwhile), last on CONT.
+signal_server() {
+  local signal=$1 pids
+  mapfile -t pids < <(server_pids)
+  if [[ $signal == CONT ]]; then
+    kill -CONT "${pids[@]:1}" 2>/dev/null || true
+    kill -CONT "${pids[0]}"
+  else
+    kill -STOP "${pids[0]}"
+    # Children forked between the listing and the STOP are caught by a second pass.
+    mapfile -t pids < <(server_pids)
+    kill -STOP "${pids[@]}" 2>/dev/null || true
+  fi
+  note "PostgreSQL: SIG$signal sent to ${#pids[@]} processes"
+}
+
 case "${1:-}" in
 start) start ;;
 stop) stop ;;
+pause) signal_server STOP ;;
+resume) signal_server CONT ;;
 *)
-  echo "usage: $SELF start|stop" >&2
+  echo "usage: $SELF start|stop|pause|resume" >&2
   exit 2
   ;;
 esac

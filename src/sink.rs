@@ -1,0 +1,64 @@
+//! `tally sink` and `tally report`: the billing store's writer and its reader.
+//!
+//! The sink's Kafka loop and its database calls block, so it runs on its own
+//! blocking thread; this async side serves `/metrics` and turns SIGTERM or Ctrl-C into
+//! the shutdown flag (the open batch is written, then the process exits 0). A conflict,
+//! an undecodable record or a lost partition stops the process with a non-zero exit.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use tally_core::config::Config;
+use tally_sink::report::{self, ReportArgs, ReportRequest};
+use tally_sink::{SinkArgs, SinkSettings, StoreLocation, metrics};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
+
+pub(crate) async fn run(config: Config, args: &SinkArgs) -> anyhow::Result<()> {
+    let histograms: [(&str, &[f64]); 1] = [(
+        metrics::DB_TRANSACTION,
+        &metrics::DB_TRANSACTION_SECONDS_BUCKETS,
+    )];
+    if let Some(address) = crate::telemetry::init_metrics(&config.metrics.listen, &histograms)? {
+        info!(%address, "serving metrics");
+    }
+    metrics::describe();
+    let settings = SinkSettings::from_args(config, args).context("cannot start the sink")?;
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let flag = Arc::clone(&shutdown);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => info!("sigterm received, writing the open batch"),
+            _ = tokio::signal::ctrl_c() => info!("interrupt received, writing the open batch"),
+        }
+        flag.store(true, Ordering::Release);
+    });
+
+    let summary = tokio::task::spawn_blocking(move || tally_sink::run(settings, shutdown))
+        .await
+        .context("sink thread failed")??;
+    info!(
+        exit = ?summary.exit,
+        batches = summary.batches,
+        rows_inserted = summary.rows_inserted,
+        rows_identical = summary.rows_identical,
+        retries = summary.retries,
+        "sink stopped"
+    );
+    Ok(())
+}
+
+pub(crate) async fn report(args: ReportArgs) -> anyhow::Result<()> {
+    let request = ReportRequest::from_args(&args)?;
+    let location = StoreLocation::parse("--database", &args.database)?;
+    let text = tokio::task::spawn_blocking(move || {
+        report::build(&location, &request).and_then(|built| report::render(&built, args.format))
+    })
+    .await
+    .context("report thread failed")??;
+    print!("{text}");
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! `tally sink` against a real broker and real databases.
+//!
+//! Needs `TALLY_TEST_BOOTSTRAP` and `TALLY_TEST_PG_URL` (deploy/local/test.sh starts
+//! both). One generated input is aggregated once by the real `tally aggregate`
+//! binary; the PostgreSQL and SQLite tests then each load its billing.aggregates
+//! topic into their own store (their own database or file, their own group).
+//!
+//! Checked after every load, from a read_committed read of billing.aggregates and SQL
+//! run by the test: the store holds exactly the topic's rows (ids, SHA-256 of the
+//! record bytes, and the decoded fields), each once, and the 15-minute roll-ups and
+//! share roll-ups equal the sums the test computes from the decoded records.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::TestTopics;
+use support::eos::{
+    ChildConfig, ReadRecord, create_outputs, free_port, fresh_outputs, produce_generated,
+    read_committed, verify_against_truth,
+};
+use support::prometheus::{parse, scrape};
+use support::rand_name;
+use support::sink::{
+    EVENT_TIME, PARTITIONS, RUN_TIMEOUT, SinkProcess, assert_store_equals, pg_fresh_database,
+    pg_row_count, pg_snapshot, sink_config, sqlite_row_count, sqlite_snapshot, wait_exit,
+    wait_for_rows,
+};
+
+/// The aggregated input every load test reads.
+struct Fixture {
+    topics: TestTopics,
+    records: Vec<ReadRecord>,
+    dir: tempfile::TempDir,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        let started = Instant::now();
+        let input = produce_generated(
+            &rand_name("sink-test-events"),
+            EVENT_TIME.generator(8_000, 23, PARTITIONS),
+            true,
+        );
+        let topics = fresh_outputs(&input.topic);
+        create_outputs(&topics, PARTITIONS);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let group = rand_name("sink-test-aggregator");
+        let config = ChildConfig::new(&group, EVENT_TIME, PARTITIONS).write(
+            dir.path(),
+            "aggregate",
+            &topics,
+            PARTITIONS,
+        );
+        let mut aggregator = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args([
+                "aggregate",
+                "--instance-id",
+                &rand_name("sink-test"),
+                "--start-from",
+                "earliest",
+                "--exit-after-idle-ms",
+                "1500",
+                "--config",
+            ])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tally aggregate");
+        let status = wait_exit(&mut aggregator, RUN_TIMEOUT);
+        assert!(status.success(), "tally aggregate failed: {status}");
+        // The topic's rows equal the generator's ground truth (the aggregator's own
+        // check), so a store equal to the topic equals the truth too.
+        verify_against_truth(&input, &topics, &group, PARTITIONS);
+        let records = read_committed(
+            &support::bootstrap(),
+            &topics.billing_aggregates,
+            PARTITIONS,
+        );
+        assert!(records.len() > 500, "too few rows: {}", records.len());
+        eprintln!("fixture: {} rows in {:?}", records.len(), started.elapsed());
+        Fixture {
+            topics,
+            records,
+            dir,
+        }
+    })
+}
+
+#[test]
+fn postgres_store_equals_the_topic_and_rollups_equal_the_rows() {
+    let fixture = fixture();
+    let started = Instant::now();
+    let url = pg_fresh_database();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let config = sink_config(fixture.dir.path(), "sink-pg", &fixture.topics, &listen, &[]);
+    let mut sink = SinkProcess::spawn(&config, &url, &rand_name("sink-pg"), &[]);
+    let expected_rows = fixture.records.len() as i64;
+    wait_for_rows("postgres", expected_rows, || pg_row_count(&url), &mut sink);
+
+    let metrics = parse(&scrape(&listen));
+    assert_eq!(
+        metrics.sum("tally_sink_rows_written_total"),
+        Some(expected_rows as f64),
+        "rows written"
+    );
+    let batches = metrics
+        .sum("tally_sink_batches_total")
+        .expect("batches counted");
+    assert!(batches >= 1.0);
+    assert_eq!(
+        metrics.sum("tally_sink_db_transaction_seconds_count"),
+        Some(batches),
+        "one latency sample per committed batch"
+    );
+    assert_eq!(
+        metrics.sum("tally_sink_conflicts_total").unwrap_or(0.0),
+        0.0
+    );
+    assert!(metrics.help.contains_key("tally_sink_rows_written_total"));
+
+    // SIGTERM: the open batch (none) is written and the process exits 0.
+    let pid = sink.child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = wait_exit(&mut sink.child, Duration::from_secs(30));
+    assert!(exit.success(), "sink exit after SIGTERM: {exit}");
+
+    assert_store_equals(&pg_snapshot(&url), &fixture.records);
+
+    // A second sink of another group over the same store reads everything again
+    // from the store's offsets: nothing to do, nothing changes.
+    let before = pg_snapshot(&url);
+    let mut again = SinkProcess::spawn(
+        &config_without_metrics(fixture),
+        &url,
+        &rand_name("sink-pg-2"),
+        &["--exit-after-idle-ms", "1000"],
+    );
+    let exit = wait_exit(&mut again.child, RUN_TIMEOUT);
+    assert!(exit.success(), "second sink: {exit}");
+    assert_eq!(
+        pg_snapshot(&url),
+        before,
+        "a restart from the store's offsets changes nothing"
+    );
+    eprintln!("postgres test took {:?}", started.elapsed());
+}
+
+fn config_without_metrics(fixture: &Fixture) -> std::path::PathBuf {
+    sink_config(fixture.dir.path(), "sink-quiet", &fixture.topics, "", &[])
+}
+
+#[test]
+fn sqlite_store_survives_a_sigkill_mid_run() {
+    let fixture = fixture();
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("billing.db");
+    let database = format!("sqlite:{}", path.display());
+    // Small fetches and small batches: the load takes seconds, so the kill lands in it.
+    let config = sink_config(
+        dir.path(),
+        "sink-sqlite",
+        &fixture.topics,
+        "",
+        &[
+            ("max.partition.fetch.bytes", "2048"),
+            ("fetch.wait.max.ms", "20"),
+            ("queued.min.messages", "1"),
+            ("fetch.queue.backoff.ms", "20"),
+        ],
+    );
+    let group = rand_name("sink-sqlite");
+    let total = fixture.records.len() as i64;
+    let mut sink = SinkProcess::spawn(&config, &database, &group, &["--batch-max-rows", "5"]);
+    let kill_started = Instant::now();
+    let mut at_kill = 0;
+    while at_kill < total / 10 {
+        at_kill = sqlite_row_count(&path);
+        assert!(
+            sink.child.try_wait().expect("wait").is_none(),
+            "the sink exited before the kill"
+        );
+        assert!(
+            kill_started.elapsed() < RUN_TIMEOUT,
+            "no progress: {at_kill} rows"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    sink.child.kill().expect("SIGKILL");
+    let _ = sink.child.wait();
+    let after_kill = sqlite_row_count(&path);
+    assert!(
+        after_kill < total,
+        "the kill must land mid-run: {after_kill} of {total} rows stored"
+    );
+    eprintln!("killed at {after_kill} of {total} rows");
+
+    let mut restarted = SinkProcess::spawn(
+        &config_without_metrics(fixture),
+        &database,
+        &group,
+        &["--exit-after-idle-ms", "1000"],
+    );
+    let exit = wait_exit(&mut restarted.child, RUN_TIMEOUT);
+    assert!(exit.success(), "restarted sink: {exit}");
+    assert_store_equals(&sqlite_snapshot(&path), &fixture.records);
+    eprintln!("sqlite test took {:?}", started.elapsed());
+}
