@@ -38,24 +38,30 @@
 //! every owned partition to billing.aggregates (key = row id, timestamp = window end,
 //! partition = murmur2(row id)), then `send_offsets_to_transaction` with, for every
 //! owned partition, the next input offset and a [`checkpoint::Checkpoint`] in the
-//! offset-commit metadata (low-water offset and cumulative counters), then
+//! offset-commit metadata (low-water offset and the clock before it, cumulative
+//! counters, a digest of the live state, the idle base, the semantics fingerprint) —
+//! the same checkpoint also goes to the checkpoints topic — then
 //! `commit_transaction`. Rows, side records, counters and offsets therefore become
 //! visible to read_committed readers together or not at all. The group metadata is
 //! fetched fresh for every commit, so a commit after a generation change is refused by
 //! the broker instead of overwriting the new owner's offsets.
 //!
 //! **State is not written anywhere: the input is the changelog.** A partition's state
-//! (open panes, the dedupe set, correction sequences, the watermark) is a function of
-//! the partition's records from the low-water offset `L` (the first offset the group
-//! ever consumed there) up to the committed offset `C`. On assignment the aggregator
-//! reads `C` and the checkpoint with `committed_offsets` — for a read_committed consumer
-//! librdkafka asks for *stable* offsets, so a previous owner's pending transaction
-//! resolves first — and re-reads `[L, C)` with a separate read_committed consumer,
-//! applying every record exactly as the live loop did and discarding the rows and side
-//! records (they were committed with `C`). The rebuilt counters must equal the
-//! checkpoint's; otherwise the state cannot be trusted (input lost to retention, changed
-//! contracts or horizons) and the aggregator stops with an error rather than bill from
-//! a wrong state. See [`restore`].
+//! (open panes, the dedupe set, correction sequences, the watermark) at the committed
+//! offset `C` is a function of the partition's clock at a low-water offset `L` and the
+//! records of `[L, C)`, where `L` is the first counted offset of the oldest window that
+//! still has live state (see "Bounded restore" in `tally_core::partition`). On
+//! assignment the aggregator reads `C` and the checkpoint with `committed_offsets` —
+//! for a read_committed consumer librdkafka asks for *stable* offsets, so a previous
+//! owner's pending transaction resolves first — checks that the checkpoint was built
+//! under the same semantics (settings and contract versions; a new contract version
+//! that starts after the partition's largest counted event time is not a change), and
+//! re-reads `[L, C)` with a separate read_committed consumer, applying every record
+//! exactly as the live loop did and discarding the rows and side records (they were
+//! committed with `C`). The rebuilt state must have the committed digest; otherwise it
+//! cannot be trusted and the aggregator stops with an error rather than bill from a
+//! wrong state. Input deleted below `L` (retention, `DeleteRecords`) is never needed;
+//! input deleted at or above it makes the restore refuse by name. See [`restore`].
 //!
 //! **Aborts.** After any abort — an abortable transaction error, a failed commit, lost
 //! partitions, the `--abort-every` test hook — the producer is flushed and the
@@ -88,21 +94,37 @@
 //!   the old transactional id's open transaction times out before `committed_offsets`
 //!   returns stable offsets.
 //!
-//! **Ticks.** A partition that has sat at its end for `idle_timeout_ms` gets a tick
-//! appended (inside the current transaction) whose time is the partition's largest
-//! event time plus the idle time that passed; the tick acts only when read back, so live
-//! runs, restores and replays see the same ticks at the same offsets.
+//! **Ticks.** A partition at its end gets a tick appended (inside the current
+//! transaction) once `idle_timeout_ms` of wall time has passed since the later of the
+//! last event that moved its watermark and the last tick read back — duplicates,
+//! rejected and too-late records do not count — and only if the tick would close a
+//! window or an open correction pane. Its time is the later of the largest counted
+//! event time and the last tick time, plus the idle time that passed (never the wall
+//! clock's absolute value). The idle base is committed in the checkpoint, so a restart
+//! does not start the idle time over. The tick acts only when read back, so live runs,
+//! restores and replays see the same ticks at the same offsets. Bounds (measured by
+//! `tests/aggregator_liveness.rs`): an on-time event is in a committed row within
+//! `window + allowed_lateness + idle_timeout + 2 × commit_interval` of its partition's
+//! last counted event, a correction within `idle_timeout + 2 × commit_interval` of its
+//! arrival after an idle period.
+//!
+//! **Shutdown.** SIGTERM commits the open transaction and leaves the group. Once it is
+//! requested, assignments that still arrive are not taken (no restore starts) and every
+//! transaction call is limited to 1.5 s, so a process exits within a few seconds even
+//! when every member of the group stops at once.
 //!
 //! **Start position.** A partition without a committed offset starts where
 //! `--start-from` says; without it the aggregator refuses to start and names the
 //! partition. The start offset is committed at the first commit, so later restarts
 //! never need the flag. Committed offsets always win.
 //!
-//! **Costs and limits.** A restore re-reads the partition's history since `L`:
-//! O(records since the group started). Bounding it by advancing `L` past what the dedupe
-//! horizon and the open windows can still need is future work. The restore runs inside
-//! the rebalance callback, so a restore longer than `max.poll.interval.ms` costs a
-//! rebalance. Snapshots at commit are deep clones of the partitions that changed:
+//! **Costs and limits.** A restore re-reads `[L, C)`: about `(max(dedupe_horizon,
+//! allowed_lateness + correction_horizon + window) + max_out_of_orderness)` of event
+//! time's worth of input, plus up to `max_event_time_ahead_ms` when events stamped
+//! ahead opened windows early, and further back only while a conflicting duplicate of
+//! an older event pins it; never the partition's history (the kill soak measures it).
+//! The restore still runs inside the rebalance callback, so a restore longer than
+//! `max.poll.interval.ms` costs a rebalance. Snapshots at commit are deep clones of the partitions that changed:
 //! O(state) per commit interval. Parallelism within a process is bounded by the
 //! partitions present in a batch: librdkafka delivers each partition's fetched data as
 //! one run, so a batch spans several partitions only when fetch responses are smaller
