@@ -3,7 +3,8 @@
 //! Subcommands: `aggregate` (the exactly-once aggregator), `topics create` (create
 //! and check the pipeline's topics), `produce`
 //! (deterministic synthetic traffic with a ground-truth file), `config check`
-//! (validate the configuration).
+//! (validate the configuration and its contracts; with `--topics`, the existing topics
+//! too).
 
 mod aggregate;
 mod kafka;
@@ -55,8 +56,17 @@ enum TopicsAction {
 
 #[derive(Debug, Subcommand)]
 enum ConfigAction {
-    /// Validate the configuration and print it with defaults filled in.
-    Check,
+    /// Validate the configuration and the contracts it names, and print the
+    /// configuration with defaults filled in (and, as comments, the bounds derived
+    /// from it).
+    Check {
+        /// Also connect to `kafka.bootstrap_servers` and check the existing topics
+        /// (partitions, cleanup policy, max.message.bytes,
+        /// message.timestamp.after.max.ms) as `tally topics create` would, without
+        /// creating or changing anything.
+        #[arg(long)]
+        topics: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,9 +95,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = settings::load(cli.config.as_deref())?;
     match cli.command {
         Command::Config {
-            action: ConfigAction::Check,
+            action: ConfigAction::Check { topics },
         } => {
+            let derived = settings::check_contracts(&config)?;
             println!("{}", toml_pretty(&config)?);
+            println!("{derived}");
+            if topics {
+                for (topic, outcome) in topics::check_all(&config).await? {
+                    println!("# {topic}: {}", outcome.describe());
+                }
+            }
             Ok(())
         }
         Command::Aggregate(args) => aggregate::run(config, &args).await,
@@ -96,13 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             action: TopicsAction::Create,
         } => {
             for (topic, outcome) in topics::create_all(&config).await? {
-                println!(
-                    "{topic}: {}",
-                    match outcome {
-                        topics::TopicOutcome::Created => "created",
-                        topics::TopicOutcome::AlreadyMatches => "exists, matches the config",
-                    }
-                );
+                println!("{topic}: {}", outcome.describe());
             }
             Ok(())
         }
