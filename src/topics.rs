@@ -138,9 +138,12 @@ impl TopicOutcome {
     }
 }
 
+/// An admin client whose metadata requests never create a topic (librdkafka's
+/// `allow.auto.create.topics` defaults to true for this client type).
 fn admin_client(config: &Config) -> anyhow::Result<Arc<AdminClient<DefaultClientContext>>> {
     Ok(Arc::new(
         crate::kafka::client_config(&config.kafka)
+            .set("allow.auto.create.topics", "false")
             .create()
             .context("cannot create the kafka admin client")?,
     ))
@@ -188,10 +191,9 @@ pub(crate) async fn create_all(config: &Config) -> anyhow::Result<Vec<(String, T
             outcomes.push((spec.name.clone(), TopicOutcome::Created));
             continue;
         }
-        let Some(resource) = describe(&admin, &options, &spec.name).await? else {
-            bail!("topic {} already exists but cannot be described", spec.name);
+        let Some(differences) = check_existing(&admin, &options, spec).await? else {
+            bail!("topic {} already exists but has no metadata", spec.name);
         };
-        let differences = check_existing(&admin, spec, &resource).await?;
         if differences.is_empty() {
             info!(topic = %spec.name, "topic exists and matches the config");
             outcomes.push((spec.name.clone(), TopicOutcome::AlreadyMatches));
@@ -216,11 +218,10 @@ pub(crate) async fn check_all(config: &Config) -> anyhow::Result<Vec<(String, To
     let mut outcomes = Vec::new();
     let mut problems = Vec::new();
     for spec in specs(config) {
-        let Some(resource) = describe(&admin, &options, &spec.name).await? else {
+        let Some(differences) = check_existing(&admin, &options, &spec).await? else {
             outcomes.push((spec.name.clone(), TopicOutcome::Missing));
             continue;
         };
-        let differences = check_existing(&admin, &spec, &resource).await?;
         if differences.is_empty() {
             outcomes.push((spec.name.clone(), TopicOutcome::AlreadyMatches));
         } else {
@@ -236,34 +237,36 @@ pub(crate) async fn check_all(config: &Config) -> anyhow::Result<Vec<(String, To
     Ok(outcomes)
 }
 
-/// The configs of `topic`, or `None` when it does not exist. Describing never creates
-/// a topic (a metadata request might, on brokers with `auto.create.topics.enable`).
+/// The configs of `topic`.
 async fn describe(
     admin: &Arc<AdminClient<DefaultClientContext>>,
     options: &AdminOptions,
     topic: &str,
-) -> anyhow::Result<Option<ConfigResource>> {
+) -> anyhow::Result<ConfigResource> {
     let described = admin
         .describe_configs([&ResourceSpecifier::Topic(topic)], options)
         .await
         .context("describe configs request failed")?;
     match described.into_iter().next() {
-        Some(Ok(resource)) => Ok(Some(resource)),
-        Some(Err(RDKafkaErrorCode::UnknownTopicOrPartition)) => Ok(None),
+        Some(Ok(resource)) => Ok(resource),
         Some(Err(code)) => bail!("cannot describe the configs of topic {topic}: {code}"),
         None => bail!("the broker returned no configs for topic {topic}"),
     }
 }
 
 /// Compares an existing topic with its spec: one message per difference tally must
-/// not fix by itself, naming the topic and the setting.
+/// not fix by itself, naming the topic and the setting; `None` when the topic does
+/// not exist.
 async fn check_existing(
     admin: &Arc<AdminClient<DefaultClientContext>>,
+    options: &AdminOptions,
     spec: &TopicSpec,
-    resource: &ConfigResource,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<Option<Vec<String>>> {
+    let Some(partitions) = partition_count(admin, &spec.name).await? else {
+        return Ok(None);
+    };
+    let resource = describe(admin, options, &spec.name).await?;
     let mut problems = Vec::new();
-    let partitions = partition_count(admin, &spec.name).await?;
     if partitions != spec.partitions {
         problems.push(format!(
             "topic {} has {partitions} partitions, the config says {} (tally never changes the partition count: it would re-route tenants)",
@@ -306,7 +309,7 @@ async fn check_existing(
             ));
         }
     }
-    Ok(problems)
+    Ok(Some(problems))
 }
 
 /// The problem with an existing topic's `message.timestamp.after.max.ms`, if any:
@@ -335,12 +338,12 @@ pub(crate) fn timestamp_problem(
     }
 }
 
-/// The partition count of `topic`, from broker metadata. Metadata fetches block inside
-/// librdkafka, so they run on the blocking pool.
+/// The partition count of `topic` from broker metadata, `None` when it does not exist.
+/// Metadata fetches block inside librdkafka, so they run on the blocking pool.
 pub(crate) async fn partition_count(
     admin: &Arc<AdminClient<DefaultClientContext>>,
     topic: &str,
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<Option<i32>> {
     let admin = Arc::clone(admin);
     let topic_name = topic.to_owned();
     let metadata = tokio::task::spawn_blocking(move || {
@@ -355,9 +358,13 @@ pub(crate) async fn partition_count(
         bail!("no metadata for topic {topic}");
     };
     if let Some(error) = found.error() {
+        if RDKafkaErrorCode::from(error) == RDKafkaErrorCode::UnknownTopicOrPartition {
+            return Ok(None);
+        }
         bail!("metadata error for topic {topic}: {error:?}");
     }
-    i32::try_from(found.partitions().len()).context("partition count overflows i32")
+    let count = i32::try_from(found.partitions().len()).context("partition count overflows i32")?;
+    Ok(Some(count))
 }
 
 #[cfg(test)]
