@@ -863,6 +863,72 @@ beneficiaries = [
         assert!(encoded.len() < bound.value_bytes);
     }
 
+    proptest::proptest! {
+        /// Any row the limits and the contracts allow encodes within the bound.
+        #[test]
+        fn rows_within_the_limits_encode_within_the_bound(
+            dims in proptest::collection::vec("\\PC{0,40}", 4),
+            partner in proptest::option::of(0_usize..3),
+            rule in 0_usize..2,
+            numbers in proptest::collection::vec(proptest::num::i64::ANY, 13),
+            small in proptest::collection::vec(proptest::num::u32::ANY, 3),
+        ) {
+            let mut config = Config::default();
+            config.validation.max_dimension_bytes = 40 * 4; // a 40-char text is ≤ 160 bytes
+            let contracts = contracts();
+            let bound = config.row_size_bound(&contracts);
+            let beneficiaries = if rule == 0 {
+                vec!["a-partner-with-a-long-name-0123456789"]
+            } else {
+                vec!["alpha", "beta", "gamma-partners"]
+            };
+            let unsigned = |value: i64| value.unsigned_abs();
+            let row = BillingAggregate {
+                id: "0".repeat(32),
+                window_start_ms: numbers[0],
+                window_end_ms: numbers[1],
+                dims: Dims {
+                    tenant_id: dims[0].clone(),
+                    model: dims[1].clone(),
+                    cloud: Cloud::Aws,
+                    channel_partner: partner.map(|_| dims[2].clone()),
+                    region: dims[3].clone(),
+                },
+                row_kind: RowKind::Billable,
+                correction_seq: small[0],
+                event_count: unsigned(numbers[2]),
+                tokens: TokenCounts {
+                    input: unsigned(numbers[3]),
+                    cached_input: unsigned(numbers[4]),
+                    output: unsigned(numbers[5]),
+                    reasoning: unsigned(numbers[6]),
+                },
+                currency: "USD".to_owned(),
+                gross_micros: numbers[7],
+                shares: beneficiaries
+                    .into_iter()
+                    .map(|beneficiary| PartnerShare {
+                        beneficiary: beneficiary.to_owned(),
+                        basis_points: small[1],
+                        amount_micros: numbers[8],
+                    })
+                    .collect(),
+                net_micros: numbers[9],
+                price_book_version: "2025-01".to_owned(),
+                share_rule_version: "2025-01".to_owned(),
+                source_topic: config.topics.usage_events.clone(),
+                source_partition: i32::try_from(small[2] >> 1).unwrap_or(i32::MAX),
+                first_offset: numbers[10],
+                last_offset: numbers[11],
+                first_event_time_ms: numbers[12],
+                last_event_time_ms: numbers[0],
+            };
+            let mut encoded = Vec::new();
+            encode_aggregate(&row, &mut encoded);
+            proptest::prop_assert!(encoded.len() <= bound.value_bytes);
+        }
+    }
+
     #[test]
     fn the_defaults_fit_a_row_in_the_default_message_size() {
         let bound = Config::default()
