@@ -4,7 +4,8 @@
 //! and check the pipeline's topics), `produce`
 //! (deterministic synthetic traffic with a ground-truth file), `sink` (aggregates into
 //! the billing store), `report` (totals from the store in any time zone), `config check`
-//! (validate the configuration).
+//! (validate the configuration and its contracts; with `--topics`, the existing topics
+//! too).
 
 mod aggregate;
 mod kafka;
@@ -72,8 +73,17 @@ enum TopicsAction {
 
 #[derive(Debug, Subcommand)]
 enum ConfigAction {
-    /// Validate the configuration and print it with defaults filled in.
-    Check,
+    /// Validate the configuration and the contracts it names, and print the
+    /// configuration with defaults filled in (and, as comments, the bounds derived
+    /// from it).
+    Check {
+        /// Also connect to `kafka.bootstrap_servers` and check the existing topics
+        /// (partitions, cleanup policy, max.message.bytes,
+        /// message.timestamp.after.max.ms) as `tally topics create` would, without
+        /// creating or changing anything.
+        #[arg(long)]
+        topics: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -102,9 +112,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = settings::load(cli.config.as_deref())?;
     match cli.command {
         Command::Config {
-            action: ConfigAction::Check,
+            action: ConfigAction::Check { topics },
         } => {
+            let derived = settings::check_contracts(&config)?;
             println!("{}", toml_pretty(&settings::redacted(&config))?);
+            println!("{derived}");
+            if topics {
+                for (topic, outcome) in topics::check_all(&config).await? {
+                    println!("# {topic}: {}", outcome.describe());
+                }
+            }
             Ok(())
         }
         Command::Aggregate(args) => aggregate::run(config, &args).await,
@@ -115,13 +132,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             action: TopicsAction::Create,
         } => {
             for (topic, outcome) in topics::create_all(&config).await? {
-                println!(
-                    "{topic}: {}",
-                    match outcome {
-                        topics::TopicOutcome::Created => "created",
-                        topics::TopicOutcome::AlreadyMatches => "exists, matches the config",
-                    }
-                );
+                println!("{topic}: {}", outcome.describe());
             }
             Ok(())
         }

@@ -18,6 +18,8 @@ use anyhow::Context;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use tally_core::config::Config;
+use tally_core::contracts::Contracts;
+use tally_core::window::WindowSize;
 
 /// Loads and validates the configuration from `path` (if given) and the environment.
 pub(crate) fn load(path: Option<&Path>) -> anyhow::Result<Config> {
@@ -103,6 +105,36 @@ fn describe(error: figment::Error) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Loads the contracts file of `aggregator.contracts_path` and checks the config
+/// against it ([`Config::check_contracts`]: no accepted event makes a row larger than
+/// `topics.max_message_bytes`). Returns the derived bounds as TOML comments.
+pub(crate) fn check_contracts(config: &Config) -> anyhow::Result<String> {
+    let path = &config.aggregator.contracts_path;
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!("cannot read the contracts file {path} (aggregator.contracts_path)")
+    })?;
+    let window = WindowSize::new(config.aggregator.window_ms)
+        .map_err(|error| anyhow::anyhow!("aggregator.window_ms: {error}"))?;
+    let contracts =
+        Contracts::load(&text, window).with_context(|| format!("invalid contracts file {path}"))?;
+    let bound = config
+        .check_contracts(&contracts)
+        .context("configuration is invalid")?;
+    Ok(format!(
+        "# derived: largest billing row {} bytes, {} as a Kafka record (topics.max_message_bytes = {})\n\
+         # derived: message.timestamp.after.max.ms of {}: {}; of {}, {} and {}: {}",
+        bound.value_bytes,
+        bound.record_bytes,
+        config.topics.max_message_bytes,
+        config.topics.usage_events,
+        config.topics.input_timestamp_after_max_ms,
+        config.topics.billing_aggregates,
+        config.topics.late,
+        config.topics.dlq,
+        config.output_timestamp_after_max_ms(),
+    ))
 }
 
 #[cfg(test)]

@@ -96,3 +96,57 @@ fn missing_file_is_reported() {
     assert!(!output.status.success());
     assert!(stderr(&output).contains("/nonexistent/tally.toml"));
 }
+
+#[test]
+fn example_config_check_prints_the_derived_bounds() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/tally.example.toml");
+    let output = run_check(&example, &[]);
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        printed.contains("max_dimension_bytes = 256"),
+        "printed: {printed}"
+    );
+    // 1 h + 5 min + 1 min, computed here from the example's values.
+    let output_bound = 3_600_000 + 300_000 + 60_000;
+    assert!(
+        printed.contains(&format!("usage.dlq: {output_bound}")),
+        "printed: {printed}"
+    );
+}
+
+#[test]
+fn dimension_limit_that_lets_a_row_outgrow_the_aggregates_topic_is_named() {
+    // Four dimensions of 300 000 bytes do not fit a 1 MiB record.
+    let output = tally_config_check("[validation]\nmax_dimension_bytes = 300000\n", &[]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("topics.max_message_bytes"),
+        "stderr: {message}"
+    );
+    assert!(
+        message.contains("validation.max_dimension_bytes"),
+        "stderr: {message}"
+    );
+}
+
+#[test]
+fn dimension_limit_shorter_than_a_priced_model_is_named() {
+    // The default contracts price "atlas-reasoning" (15 bytes).
+    let output = tally_config_check("[validation]\nmax_dimension_bytes = 8\n", &[]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(
+        message.contains("validation.max_dimension_bytes"),
+        "stderr: {message}"
+    );
+}
+
+#[test]
+fn unknown_validation_field_is_named() {
+    let output = tally_config_check("[validation]\nmax_region_bytes = 10\n", &[]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("max_region_bytes"), "stderr: {message}");
+}

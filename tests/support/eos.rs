@@ -342,19 +342,23 @@ pub fn produce_into(
     assert!(truth.is_conserved(), "the generator's truth conserves");
     if end_tick {
         let last_send = truth.last_send_time_ms.expect("records were produced");
+        let tick_time_ms = last_send + 24 * 3_600_000;
         let mut tick = Vec::new();
         encode_tick(
             &UsageTick {
-                tick_time_ms: last_send + 24 * 3_600_000,
+                tick_time_ms,
                 origin: TickOrigin::Gateway,
             },
             &mut tick,
         );
         for partition in 0..partitions {
+            // A tick's time is bounded against its record timestamp like an event's,
+            // so the tick is sent when it says it is (a day after the last record).
             send(
                 BaseRecord::<[u8], [u8]>::to(topic)
                     .partition(partition)
-                    .payload(&tick),
+                    .payload(&tick)
+                    .timestamp(tick_time_ms),
             );
         }
     }

@@ -10,8 +10,12 @@
 //! The order of checks is DESIGN.md's: decode (undecodable → rejected) → validate
 //! against the record's Kafka timestamp → routing (the key must be the event's tenant
 //! and the partition must be `murmur2(key) mod partitions`) → the state machine's own
-//! classification (rejected, too late, duplicate, counted). Ticks bypass validation and
-//! routing: they carry no tenant.
+//! classification (rejected, too late, duplicate, counted). Ticks are checked against
+//! the record's Kafka timestamp with the same bounds as an event's time
+//! ([`validate_tick`]); outside them a tick is a rejected record (reason
+//! `tick_time_out_of_bounds`, or `missing_timestamp`): it goes to usage.dlq, counts as
+//! consumed and rejected, and does not move the watermark. Ticks skip routing: they
+//! carry no tenant.
 
 use sha2::{Digest, Sha256};
 use tally_core::codec::{DecodedRef, decode_record_ref};
@@ -19,7 +23,7 @@ use tally_core::contracts::Contracts;
 use tally_core::dedupe::payload_fingerprint_ref;
 use tally_core::partition::{Classified, PartitionState};
 use tally_core::routing::partition_for_key;
-use tally_core::validate::{ValidationLimits, validate_event_ref};
+use tally_core::validate::{ValidationLimits, validate_event_ref, validate_tick};
 
 /// Reason label of a record whose key or partition does not match its tenant.
 pub const MISROUTED: &str = "misrouted";
@@ -99,6 +103,12 @@ pub fn apply_record(
             };
         }
         Ok(DecodedRef::Tick(tick)) => {
+            if let Err(error) = validate_tick(&tick, record.timestamp_ms, rules.limits) {
+                state.on_rejected_record();
+                return RecordOutcome::Rejected {
+                    reason: error.reason(),
+                };
+            }
             state.on_tick(tick.tick_time_ms);
             return RecordOutcome::Tick;
         }
@@ -357,7 +367,10 @@ effective_from = "2025-01-01T00:00:00Z"
             },
             &mut tick,
         );
-        assert_eq!(apply(&mut state, 0, b"", &tick, T0), RecordOutcome::Tick);
+        assert_eq!(
+            apply(&mut state, 0, b"", &tick, T0 + 3_600_000),
+            RecordOutcome::Tick
+        );
         let old = encoded(&event(5, tenant, T0));
         assert_eq!(
             apply(&mut state, 1, tenant.as_bytes(), &old, T0 + 3_600_000),
@@ -368,6 +381,139 @@ effective_from = "2025-01-01T00:00:00Z"
             (counters.ticks, counters.too_late, counters.consumed),
             (1, 1, 1)
         );
+    }
+
+    fn tick_record(tick_time_ms: i64, origin: TickOrigin) -> Vec<u8> {
+        let mut tick = Vec::new();
+        encode_tick(
+            &UsageTick {
+                tick_time_ms,
+                origin,
+            },
+            &mut tick,
+        );
+        tick
+    }
+
+    #[test]
+    fn rejects_a_far_future_tick_without_moving_the_watermark() {
+        let tenant = "tenant-00001";
+        let mut state = state(home_partition(tenant));
+        let first = encoded(&event(1, tenant, T0));
+        assert_eq!(
+            apply(&mut state, 0, tenant.as_bytes(), &first, T0),
+            RecordOutcome::Absorbed
+        );
+        let watermark = state.watermark();
+        // Ten years after its record timestamp.
+        let ten_years_ms = 10 * 365 * 24 * 3_600_000_i64;
+        let far = tick_record(T0 + ten_years_ms, TickOrigin::Gateway);
+        assert_eq!(
+            apply(&mut state, 1, b"", &far, T0),
+            RecordOutcome::Rejected {
+                reason: "tick_time_out_of_bounds"
+            }
+        );
+        // One millisecond past the allowed skew is rejected too; at the skew it is a tick.
+        let ahead = ValidationLimits::default().max_event_time_ahead_ms;
+        let just_over = tick_record(T0 + ahead + 1, TickOrigin::Gateway);
+        assert_eq!(
+            apply(&mut state, 2, b"", &just_over, T0),
+            RecordOutcome::Rejected {
+                reason: "tick_time_out_of_bounds"
+            }
+        );
+        assert_eq!(state.watermark(), watermark, "rejected ticks move nothing");
+        // The next event of the same window is still counted, not too late.
+        let second = encoded(&event(2, tenant, T0 + 1_000));
+        assert_eq!(
+            apply(&mut state, 3, tenant.as_bytes(), &second, T0 + 1_000),
+            RecordOutcome::Absorbed
+        );
+        let at_skew = tick_record(T0 + 1_000 + ahead, TickOrigin::Gateway);
+        assert_eq!(
+            apply(&mut state, 4, b"", &at_skew, T0 + 1_000),
+            RecordOutcome::Tick
+        );
+        let counters = state.counters();
+        assert_eq!(
+            (
+                counters.consumed,
+                counters.counted,
+                counters.rejected,
+                counters.ticks
+            ),
+            (4, 2, 2, 1)
+        );
+        assert!(counters.is_conserved());
+    }
+
+    #[test]
+    fn a_tick_stamped_with_its_own_time_is_read() {
+        // How the aggregator writes its ticks: record timestamp = tick time.
+        let mut state = state(0);
+        let time = T0 + 123_456;
+        assert_eq!(
+            apply(
+                &mut state,
+                0,
+                b"",
+                &tick_record(time, TickOrigin::Aggregator),
+                time
+            ),
+            RecordOutcome::Tick
+        );
+        assert_eq!(state.watermark(), Some(time));
+    }
+
+    #[test]
+    fn rejects_a_tick_without_a_timestamp() {
+        let contracts = contracts();
+        let limits = ValidationLimits::default();
+        let rules = RecordRules {
+            contracts: &contracts,
+            limits: &limits,
+            partition_count: PARTITIONS,
+        };
+        let value = tick_record(T0, TickOrigin::Gateway);
+        let record = InputRecord {
+            partition: 0,
+            offset: 0,
+            key: None,
+            value: &value,
+            timestamp_ms: None,
+        };
+        let mut state = state(0);
+        assert_eq!(
+            apply_record(&mut state, &rules, &record),
+            RecordOutcome::Rejected {
+                reason: "missing_timestamp"
+            }
+        );
+        assert_eq!(state.watermark(), None);
+    }
+
+    #[test]
+    fn rejects_a_dimension_over_its_limit_as_field_too_long() {
+        let tenant = "tenant-00001";
+        let mut state = state(home_partition(tenant));
+        let limit = ValidationLimits::default().max_dimension_bytes;
+        let mut at_limit = event(1, tenant, T0);
+        at_limit.region = "r".repeat(limit);
+        assert_eq!(
+            apply(&mut state, 0, tenant.as_bytes(), &encoded(&at_limit), T0),
+            RecordOutcome::Absorbed
+        );
+        let mut over = event(2, tenant, T0);
+        over.region = "r".repeat(limit + 1);
+        assert_eq!(
+            apply(&mut state, 1, tenant.as_bytes(), &encoded(&over), T0),
+            RecordOutcome::Rejected {
+                reason: "field_too_long"
+            }
+        );
+        let counters = state.counters();
+        assert_eq!((counters.counted, counters.rejected), (1, 1));
     }
 
     #[test]

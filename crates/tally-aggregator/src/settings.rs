@@ -174,6 +174,10 @@ impl AggregatorSettings {
                 self.config.aggregator.window_ms
             )));
         }
+        // No accepted event may make a row larger than the aggregates topic takes.
+        self.config
+            .check_contracts(&self.contracts)
+            .map_err(|error| AggregatorError::Settings(error.to_string()))?;
         self.partition_params(0)
             .validate()
             .map_err(|error| AggregatorError::Settings(format!("aggregator: {error}")))?;

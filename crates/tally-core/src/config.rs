@@ -10,6 +10,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::{AggregateSizeLimits, aggregate_encoded_len_bound, shares_encoded_len};
+use crate::contracts::Contracts;
+use crate::identity::ROW_ID_BYTES;
 use crate::validate::ValidationLimits;
 
 /// The whole configuration file.
@@ -86,7 +89,8 @@ pub struct TopicsConfig {
     pub dlq: String,
     /// Checkpoints of the aggregator (low water, counters, state digest, semantics),
     /// one record per input partition and transaction, written with the offsets; a
-    /// replay warms up from them. Same partition count and retention as usage.events.
+    /// replay warms up from them. Partitions of the output topics; retention of
+    /// usage.events (`retention_ms`).
     #[serde(default = "default_checkpoints")]
     pub checkpoints: String,
     /// Partitions of usage.events. Never changed on an existing topic: routing by
@@ -111,6 +115,13 @@ pub struct TopicsConfig {
     /// `retention.ms` of usage.late and usage.dlq.
     #[serde(default = "default_retention_ms")]
     pub side_retention_ms: i64,
+    /// `message.timestamp.after.max.ms` of usage.events: how far ahead of the broker's
+    /// clock a gateway may stamp a record. `tally topics create` sets it on
+    /// usage.events and gives billing.aggregates, usage.late and usage.dlq the larger
+    /// bound of [`output_timestamp_after_max_ms`], because tally stamps what it writes
+    /// there with times derived from the input.
+    #[serde(default = "default_input_timestamp_after_max_ms")]
+    pub input_timestamp_after_max_ms: i64,
 }
 
 fn default_usage_events() -> String {
@@ -145,6 +156,59 @@ const fn default_max_message_bytes() -> i32 {
 const fn default_retention_ms() -> i64 {
     -1
 }
+/// Kafka 4's own default of `message.timestamp.after.max.ms`: one hour.
+const fn default_input_timestamp_after_max_ms() -> i64 {
+    KAFKA_DEFAULT_TIMESTAMP_AFTER_MAX_MS
+}
+
+/// Kafka 4's default `log.message.timestamp.after.max.ms` (one hour): brokers reject
+/// records stamped further ahead of their clock.
+pub const KAFKA_DEFAULT_TIMESTAMP_AFTER_MAX_MS: i64 = 3_600_000;
+
+/// The smallest `message.timestamp.after.max.ms` a topic needs when tally writes to
+/// it records stamped with times derived from the input: `input_after_max_ms +
+/// max_event_time_ahead_ms + window_ms` (saturating).
+///
+/// Why that sum: a gateway's record may be stamped up to `input_after_max_ms` ahead
+/// of the broker's clock (the input topic's own bound); its event time may lie up to
+/// `max_event_time_ahead_ms` ahead of that stamp (validation); a billing row is
+/// stamped with its window's end, at most one window after any event time in it. So
+/// a row's timestamp is at most the sum ahead of the broker's clock when the input
+/// record was appended, and the clock only moves on before the row is written. Copies
+/// to usage.late and usage.dlq keep the input record's timestamp (at most
+/// `input_after_max_ms` ahead). A topic with a smaller bound would reject such a
+/// record inside the aggregator's transaction, which aborts, and the same input would
+/// abort every retry.
+///
+/// Used for billing.aggregates, usage.late and usage.dlq; any further topic the
+/// aggregator writes with input-derived timestamps (a checkpoints topic) must use it
+/// too.
+pub const fn output_timestamp_after_max_ms(
+    input_after_max_ms: i64,
+    max_event_time_ahead_ms: i64,
+    window_ms: i64,
+) -> i64 {
+    input_after_max_ms
+        .saturating_add(max_event_time_ahead_ms)
+        .saturating_add(window_ms)
+}
+
+/// Bytes Kafka adds around one record value in a record batch of its own: the v2
+/// batch header (61 bytes) and the record's header at its widest (length 5,
+/// attributes 1, timestamp delta 10, offset delta 5, key length 5, value length 5,
+/// header count 1), the key excluded.
+pub const KAFKA_RECORD_OVERHEAD_BYTES: usize = 61 + 5 + 1 + 10 + 5 + 5 + 5 + 1;
+
+/// The largest billing row the configuration and the contracts allow (see
+/// [`Config::check_contracts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowSizeBound {
+    /// The largest framed BillingAggregate value.
+    pub value_bytes: usize,
+    /// The largest Kafka record batch holding one row: value, key (the row id) and
+    /// [`KAFKA_RECORD_OVERHEAD_BYTES`].
+    pub record_bytes: usize,
+}
 
 /// Extra room that usage.late and usage.dlq get over usage.events.
 pub const SIDE_TOPIC_EXTRA_BYTES: i32 = 64 * 1024;
@@ -163,6 +227,7 @@ impl Default for TopicsConfig {
             max_message_bytes: default_max_message_bytes(),
             retention_ms: default_retention_ms(),
             side_retention_ms: default_retention_ms(),
+            input_timestamp_after_max_ms: default_input_timestamp_after_max_ms(),
         }
     }
 }
@@ -268,19 +333,35 @@ impl Default for AggregatorConfig {
     }
 }
 
-/// Plausibility bounds (see [`ValidationLimits`]).
+/// Plausibility bounds and length limits (see [`ValidationLimits`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ValidationConfig {
     /// Largest plausible count of one token kind in one request.
     #[serde(default = "default_max_tokens_per_kind")]
     pub max_tokens_per_kind: u64,
-    /// How far event time may lie ahead of the record's Kafka timestamp.
+    /// How far event time (and a tick's time) may lie ahead of the record's Kafka
+    /// timestamp.
     #[serde(default = "default_max_event_time_ahead_ms")]
     pub max_event_time_ahead_ms: i64,
-    /// How far event time may lie behind the record's Kafka timestamp.
+    /// How far event time (and a tick's time) may lie behind the record's Kafka
+    /// timestamp.
     #[serde(default = "default_max_event_time_behind_ms")]
     pub max_event_time_behind_ms: i64,
+    /// Longest tenant_id, model, region, channel_partner and service_tier, in UTF-8
+    /// bytes; longer → rejected (`field_too_long`). Bounds the size of a billing row.
+    #[serde(default = "default_max_dimension_bytes")]
+    pub max_dimension_bytes: u32,
+    /// Longest request_id, in bytes; longer → rejected (`field_too_long`).
+    #[serde(default = "default_max_request_id_bytes")]
+    pub max_request_id_bytes: u32,
+    /// Most entries in the attributes map; more → rejected (`field_too_long`).
+    #[serde(default = "default_max_attribute_entries")]
+    pub max_attribute_entries: u32,
+    /// Most bytes of attribute keys and values together; more → rejected
+    /// (`field_too_long`).
+    #[serde(default = "default_max_attributes_bytes")]
+    pub max_attributes_bytes: u32,
 }
 
 const fn default_max_tokens_per_kind() -> u64 {
@@ -292,6 +373,23 @@ const fn default_max_event_time_ahead_ms() -> i64 {
 const fn default_max_event_time_behind_ms() -> i64 {
     ValidationLimits::DEFAULT_MAX_EVENT_TIME_BEHIND_MS
 }
+/// The defaults of [`ValidationLimits`] are small numbers: they fit `u32`.
+const fn limit_u32(value: usize) -> u32 {
+    assert!(value <= u32::MAX as usize);
+    value as u32
+}
+const fn default_max_dimension_bytes() -> u32 {
+    limit_u32(ValidationLimits::DEFAULT_MAX_DIMENSION_BYTES)
+}
+const fn default_max_request_id_bytes() -> u32 {
+    limit_u32(ValidationLimits::DEFAULT_MAX_REQUEST_ID_BYTES)
+}
+const fn default_max_attribute_entries() -> u32 {
+    limit_u32(ValidationLimits::DEFAULT_MAX_ATTRIBUTE_ENTRIES)
+}
+const fn default_max_attributes_bytes() -> u32 {
+    limit_u32(ValidationLimits::DEFAULT_MAX_ATTRIBUTES_BYTES)
+}
 
 impl Default for ValidationConfig {
     fn default() -> Self {
@@ -299,8 +397,18 @@ impl Default for ValidationConfig {
             max_tokens_per_kind: default_max_tokens_per_kind(),
             max_event_time_ahead_ms: default_max_event_time_ahead_ms(),
             max_event_time_behind_ms: default_max_event_time_behind_ms(),
+            max_dimension_bytes: default_max_dimension_bytes(),
+            max_request_id_bytes: default_max_request_id_bytes(),
+            max_attribute_entries: default_max_attribute_entries(),
+            max_attributes_bytes: default_max_attributes_bytes(),
         }
     }
+}
+
+/// `u32` config limits as `usize` (lossless on every target tally builds for; a
+/// 16-bit target would saturate, never wrap).
+fn limit_usize(value: u32) -> usize {
+    usize::try_from(value).unwrap_or(usize::MAX)
 }
 
 impl From<ValidationConfig> for ValidationLimits {
@@ -309,6 +417,10 @@ impl From<ValidationConfig> for ValidationLimits {
             max_tokens_per_kind: config.max_tokens_per_kind,
             max_event_time_ahead_ms: config.max_event_time_ahead_ms,
             max_event_time_behind_ms: config.max_event_time_behind_ms,
+            max_dimension_bytes: limit_usize(config.max_dimension_bytes),
+            max_request_id_bytes: limit_usize(config.max_request_id_bytes),
+            max_attribute_entries: limit_usize(config.max_attribute_entries),
+            max_attributes_bytes: limit_usize(config.max_attributes_bytes),
         }
     }
 }
@@ -492,13 +604,397 @@ impl Config {
                 "must not be negative",
             ));
         }
+        if self.validation.max_dimension_bytes == 0 {
+            return Err(invalid(
+                "validation.max_dimension_bytes",
+                "must be positive: tenant_id and model are never empty",
+            ));
+        }
+        if self.topics.input_timestamp_after_max_ms < 0 {
+            return Err(invalid(
+                "topics.input_timestamp_after_max_ms",
+                "must not be negative",
+            ));
+        }
         Ok(())
+    }
+
+    /// The `message.timestamp.after.max.ms` that billing.aggregates, usage.late and
+    /// usage.dlq need: [`output_timestamp_after_max_ms`] of this configuration.
+    pub fn output_timestamp_after_max_ms(&self) -> i64 {
+        output_timestamp_after_max_ms(
+            self.topics.input_timestamp_after_max_ms,
+            self.validation.max_event_time_ahead_ms,
+            self.aggregator.window_ms,
+        )
+    }
+
+    /// The largest billing row the limits and `contracts` allow: every dimension at
+    /// `validation.max_dimension_bytes`, the longest currency and version labels, the
+    /// share rule with the largest encoded beneficiaries, the input topic's name.
+    pub fn row_size_bound(&self, contracts: &Contracts) -> RowSizeBound {
+        let dimension_bytes = limit_usize(self.validation.max_dimension_bytes);
+        let price_books = contracts.price_book();
+        let share_rules = contracts.share_rules();
+        let limits = AggregateSizeLimits {
+            dimension_bytes,
+            currency_bytes: price_books
+                .iter()
+                .map(|version| version.currency().len())
+                .max()
+                .unwrap_or(0),
+            price_book_version_bytes: price_books
+                .iter()
+                .map(|version| version.version().len())
+                .max()
+                .unwrap_or(0),
+            share_rule_version_bytes: share_rules
+                .iter()
+                .map(|version| version.version().len())
+                .max()
+                .unwrap_or(0),
+            source_topic_bytes: self.topics.usage_events.len(),
+            shares_bytes: share_rules
+                .iter()
+                .flat_map(|version| version.rules())
+                .map(|rule| {
+                    shares_encoded_len(
+                        rule.beneficiaries
+                            .iter()
+                            .map(|beneficiary| beneficiary.partner.len()),
+                    )
+                })
+                .max()
+                .unwrap_or(0),
+        };
+        let value_bytes = aggregate_encoded_len_bound(&limits);
+        RowSizeBound {
+            value_bytes,
+            record_bytes: value_bytes
+                .saturating_add(2 * ROW_ID_BYTES)
+                .saturating_add(KAFKA_RECORD_OVERHEAD_BYTES),
+        }
+    }
+
+    /// Checks the configuration against the contracts it runs with: no accepted event
+    /// can make a billing row larger than `topics.max_message_bytes` (the aggregates
+    /// topic's `max.message.bytes`), and every model the price book prices and every
+    /// channel partner a share rule names fits `validation.max_dimension_bytes` (else
+    /// its events could only be rejected). Returns the row bound.
+    pub fn check_contracts(&self, contracts: &Contracts) -> Result<RowSizeBound, ConfigError> {
+        let dimension_bytes = limit_usize(self.validation.max_dimension_bytes);
+        for version in contracts.price_book() {
+            if let Some((model, _)) = version
+                .models()
+                .find(|(model, _)| model.len() > dimension_bytes)
+            {
+                return Err(invalid(
+                    "validation.max_dimension_bytes",
+                    format!(
+                        "{dimension_bytes} is shorter than model {model:?} of price-book version {:?} ({} bytes): its events would all be rejected",
+                        version.version(),
+                        model.len()
+                    ),
+                ));
+            }
+        }
+        for version in contracts.share_rules() {
+            let long_partner = version
+                .rules()
+                .iter()
+                .filter_map(|rule| rule.channel_partner.as_deref())
+                .find(|partner| partner.len() > dimension_bytes);
+            if let Some(partner) = long_partner {
+                return Err(invalid(
+                    "validation.max_dimension_bytes",
+                    format!(
+                        "{dimension_bytes} is shorter than channel partner {partner:?} of share-rule version {:?} ({} bytes): its events would all be rejected",
+                        version.version(),
+                        partner.len()
+                    ),
+                ));
+            }
+        }
+        let bound = self.row_size_bound(contracts);
+        let max_message_bytes = usize::try_from(self.topics.max_message_bytes).unwrap_or(0);
+        if bound.record_bytes > max_message_bytes {
+            return Err(invalid(
+                "topics.max_message_bytes",
+                format!(
+                    "{max_message_bytes} is smaller than the largest billing row the limits allow ({} bytes as a Kafka record: every dimension at validation.max_dimension_bytes = {dimension_bytes}, the contracts' longest versions and largest share rule): raise topics.max_message_bytes or lower validation.max_dimension_bytes",
+                    bound.record_bytes
+                ),
+            ));
+        }
+        Ok(bound)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::{BillingAggregate, Dims, PartnerShare, RowKind};
+    use crate::codec::{decode_aggregate, encode_aggregate};
+    use crate::event::{Cloud, TokenCounts};
+    use crate::window::WindowSize;
+
+    /// Contracts whose largest share rule (by encoded size) is the aws/"p" rule with
+    /// three beneficiaries; the fallback rule has one with a longer name.
+    const CONTRACTS: &str = r#"
+[[price_book]]
+version = "2025-01"
+effective_from = "2025-01-01T00:00:00Z"
+currency = "USD"
+billable_statuses = ["succeeded"]
+
+[price_book.models.atlas-large]
+input = 1
+cached_input = 1
+output = 1
+reasoning = 1
+
+[[price_book]]
+version = "2025-02-renegotiated"
+effective_from = "2025-02-01T00:00:00Z"
+currency = "USD"
+billable_statuses = ["succeeded"]
+
+[price_book.models.atlas-large]
+input = 2
+cached_input = 2
+output = 2
+reasoning = 2
+
+[[share_rules]]
+version = "2025-01"
+effective_from = "2025-01-01T00:00:00Z"
+
+[[share_rules.rules]]
+cloud = "aws"
+beneficiaries = [{ partner = "a-partner-with-a-long-name-0123456789", basis_points = 2000 }]
+
+[[share_rules.rules]]
+cloud = "aws"
+channel_partner = "p"
+beneficiaries = [
+  { partner = "alpha", basis_points = 1000 },
+  { partner = "beta", basis_points = 1000 },
+  { partner = "gamma-partners", basis_points = 500 },
+]
+"#;
+
+    fn contracts() -> Contracts {
+        Contracts::load(CONTRACTS, WindowSize::ONE_MINUTE).expect("test contracts load")
+    }
+
+    #[test]
+    fn output_timestamp_bound_adds_input_bound_skew_and_one_window() {
+        let config = Config::default();
+        // 1 h (Kafka 4's default) + 5 min of allowed skew + a 1 min window.
+        assert_eq!(config.output_timestamp_after_max_ms(), 3_960_000);
+        assert_eq!(output_timestamp_after_max_ms(100, 20, 3), 123);
+        assert_eq!(output_timestamp_after_max_ms(i64::MAX, 1, 1), i64::MAX);
+    }
+
+    #[test]
+    fn a_worst_case_row_encodes_to_exactly_the_bound() {
+        let mut config = Config::default();
+        config.validation.max_dimension_bytes = 300;
+        config.topics.usage_events = "u".repeat(249);
+        let contracts = contracts();
+        let bound = config.row_size_bound(&contracts);
+        let at_limit = |c: char| c.to_string().repeat(300);
+        // Every text at its limit, every number at its widest varint, the rule with
+        // the most encoded beneficiaries (three: alpha, beta, gamma-partners).
+        let row = BillingAggregate {
+            id: "f".repeat(32),
+            window_start_ms: i64::MIN,
+            window_end_ms: i64::MAX,
+            dims: Dims {
+                tenant_id: at_limit('t'),
+                model: at_limit('m'),
+                cloud: Cloud::Oracle,
+                channel_partner: Some(at_limit('p')),
+                region: at_limit('r'),
+            },
+            row_kind: RowKind::NonBillable,
+            correction_seq: u32::MAX,
+            event_count: u64::MAX,
+            tokens: TokenCounts {
+                input: u64::MAX,
+                cached_input: u64::MAX,
+                output: u64::MAX,
+                reasoning: u64::MAX,
+            },
+            currency: "USD".to_owned(),
+            gross_micros: i64::MIN,
+            shares: ["alpha", "beta", "gamma-partners"]
+                .into_iter()
+                .map(|beneficiary| PartnerShare {
+                    beneficiary: beneficiary.to_owned(),
+                    basis_points: u32::MAX,
+                    amount_micros: i64::MIN,
+                })
+                .collect(),
+            net_micros: i64::MIN,
+            price_book_version: "2025-02-renegotiated".to_owned(),
+            share_rule_version: "2025-01".to_owned(),
+            source_topic: config.topics.usage_events.clone(),
+            source_partition: i32::MIN,
+            first_offset: i64::MIN,
+            last_offset: i64::MIN,
+            first_event_time_ms: i64::MIN,
+            last_event_time_ms: i64::MIN,
+        };
+        let mut encoded = Vec::new();
+        encode_aggregate(&row, &mut encoded);
+        assert!(decode_aggregate(&encoded).is_ok(), "a valid row");
+        // Counted by hand: frame 5; id 1 + 32; 13 longs × 10; 2 ints × 5; 2 enums;
+        // 4 dims × (2 + 300) + 1 union branch; "USD" 1 + 3; versions 1 + 20 and
+        // 1 + 7; topic 2 + 249; shares: count 1, names 1 + 5, 1 + 4, 1 + 14, each
+        // with an int (5) and a long (10), then the terminating 0.
+        let by_hand = 5
+            + 33
+            + 130
+            + 10
+            + 2
+            + (4 * 302 + 1)
+            + 4
+            + 21
+            + 8
+            + 251
+            + (1 + (6 + 15) + (5 + 15) + (15 + 15))
+            + 1;
+        assert_eq!(encoded.len(), by_hand);
+        assert_eq!(bound.value_bytes, by_hand, "the bound is attained");
+        assert_eq!(bound.record_bytes, by_hand + 32 + 93);
+        // A row with fewer shares (the fallback rule's one) is smaller.
+        let mut fallback = row.clone();
+        fallback.shares = vec![PartnerShare {
+            beneficiary: "a-partner-with-a-long-name-0123456789".to_owned(),
+            basis_points: u32::MAX,
+            amount_micros: i64::MIN,
+        }];
+        encoded.clear();
+        encode_aggregate(&fallback, &mut encoded);
+        assert!(encoded.len() < bound.value_bytes);
+    }
+
+    proptest::proptest! {
+        /// Any row the limits and the contracts allow encodes within the bound.
+        #[test]
+        fn rows_within_the_limits_encode_within_the_bound(
+            dims in proptest::collection::vec("\\PC{0,40}", 4),
+            partner in proptest::option::of(0_usize..3),
+            rule in 0_usize..2,
+            numbers in proptest::collection::vec(proptest::num::i64::ANY, 13),
+            small in proptest::collection::vec(proptest::num::u32::ANY, 3),
+        ) {
+            let mut config = Config::default();
+            config.validation.max_dimension_bytes = 40 * 4; // a 40-char text is ≤ 160 bytes
+            let contracts = contracts();
+            let bound = config.row_size_bound(&contracts);
+            let beneficiaries = if rule == 0 {
+                vec!["a-partner-with-a-long-name-0123456789"]
+            } else {
+                vec!["alpha", "beta", "gamma-partners"]
+            };
+            let unsigned = |value: i64| value.unsigned_abs();
+            let row = BillingAggregate {
+                id: "0".repeat(32),
+                window_start_ms: numbers[0],
+                window_end_ms: numbers[1],
+                dims: Dims {
+                    tenant_id: dims[0].clone(),
+                    model: dims[1].clone(),
+                    cloud: Cloud::Aws,
+                    channel_partner: partner.map(|_| dims[2].clone()),
+                    region: dims[3].clone(),
+                },
+                row_kind: RowKind::Billable,
+                correction_seq: small[0],
+                event_count: unsigned(numbers[2]),
+                tokens: TokenCounts {
+                    input: unsigned(numbers[3]),
+                    cached_input: unsigned(numbers[4]),
+                    output: unsigned(numbers[5]),
+                    reasoning: unsigned(numbers[6]),
+                },
+                currency: "USD".to_owned(),
+                gross_micros: numbers[7],
+                shares: beneficiaries
+                    .into_iter()
+                    .map(|beneficiary| PartnerShare {
+                        beneficiary: beneficiary.to_owned(),
+                        basis_points: small[1],
+                        amount_micros: numbers[8],
+                    })
+                    .collect(),
+                net_micros: numbers[9],
+                price_book_version: "2025-01".to_owned(),
+                share_rule_version: "2025-01".to_owned(),
+                source_topic: config.topics.usage_events.clone(),
+                source_partition: i32::try_from(small[2] >> 1).unwrap_or(i32::MAX),
+                first_offset: numbers[10],
+                last_offset: numbers[11],
+                first_event_time_ms: numbers[12],
+                last_event_time_ms: numbers[0],
+            };
+            let mut encoded = Vec::new();
+            encode_aggregate(&row, &mut encoded);
+            proptest::prop_assert!(encoded.len() <= bound.value_bytes);
+        }
+    }
+
+    #[test]
+    fn the_defaults_fit_a_row_in_the_default_message_size() {
+        let bound = Config::default()
+            .check_contracts(&contracts())
+            .expect("defaults fit");
+        assert!(bound.record_bytes < 2_000, "{bound:?}");
+    }
+
+    #[test]
+    fn dimension_limits_that_let_a_row_outgrow_the_topic_name_the_field() {
+        let mut config = Config::default();
+        // Four dims of 300 000 bytes: 1.2 MB, more than the 1 MiB default.
+        config.validation.max_dimension_bytes = 300_000;
+        let error = config
+            .check_contracts(&contracts())
+            .expect_err("rows could exceed the topic's limit");
+        assert_eq!(error.field, "topics.max_message_bytes");
+        assert!(error.to_string().contains("validation.max_dimension_bytes"));
+        // Raising the topic's limit fixes it.
+        config.topics.max_message_bytes = 1_300_000;
+        assert!(config.check_contracts(&contracts()).is_ok());
+    }
+
+    #[test]
+    fn a_dimension_limit_shorter_than_a_priced_model_names_the_field() {
+        let mut config = Config::default();
+        config.validation.max_dimension_bytes = 10; // "atlas-large" is 11 bytes
+        let error = config
+            .check_contracts(&contracts())
+            .expect_err("atlas-large could never be billed");
+        assert_eq!(error.field, "validation.max_dimension_bytes");
+        assert!(error.problem.contains("atlas-large"), "{error}");
+    }
+
+    #[test]
+    fn new_limits_are_checked_and_named() {
+        let mut config = Config::default();
+        config.validation.max_dimension_bytes = 0;
+        assert_eq!(
+            config.validate().expect_err("zero").field,
+            "validation.max_dimension_bytes"
+        );
+        let mut config = Config::default();
+        config.topics.input_timestamp_after_max_ms = -1;
+        assert_eq!(
+            config.validate().expect_err("negative").field,
+            "topics.input_timestamp_after_max_ms"
+        );
+    }
 
     #[test]
     fn defaults_are_valid() {

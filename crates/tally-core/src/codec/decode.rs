@@ -98,6 +98,26 @@ pub enum DecodeError {
         /// Kafka timestamp, ms.
         kafka_timestamp_ms: i64,
     },
+    /// A tick's time too far from the record's Kafka timestamp (the same bounds as an
+    /// event's time).
+    #[error("tick time {tick_time_ms} is too far from the record timestamp {kafka_timestamp_ms}")]
+    TickTimeOutOfBounds {
+        /// Tick time, ms.
+        tick_time_ms: i64,
+        /// Kafka timestamp, ms.
+        kafka_timestamp_ms: i64,
+    },
+    /// A text field (bytes) or the attributes map (bytes of keys and values, or
+    /// entries) over its configured limit.
+    #[error("field {field} has size {size}, over its limit of {limit}")]
+    FieldTooLong {
+        /// The field.
+        field: &'static str,
+        /// Its size: bytes, or entries for the attributes' entry limit.
+        size: usize,
+        /// The limit it exceeds.
+        limit: usize,
+    },
     /// Bytes left after the datum ended.
     #[error("{count} trailing bytes after the datum")]
     TrailingBytes {
@@ -108,7 +128,7 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// Every reason label, for pre-registering metrics.
-    pub const REASONS: [&'static str; 13] = [
+    pub const REASONS: [&'static str; 15] = [
         "empty",
         "too_short",
         "bad_magic",
@@ -121,6 +141,8 @@ impl DecodeError {
         "invalid_event_id",
         "missing_timestamp",
         "event_time_out_of_bounds",
+        "tick_time_out_of_bounds",
+        "field_too_long",
         "trailing_bytes",
     ];
 
@@ -139,6 +161,8 @@ impl DecodeError {
             DecodeError::InvalidEventId => "invalid_event_id",
             DecodeError::MissingTimestamp => "missing_timestamp",
             DecodeError::EventTimeOutOfBounds { .. } => "event_time_out_of_bounds",
+            DecodeError::TickTimeOutOfBounds { .. } => "tick_time_out_of_bounds",
+            DecodeError::FieldTooLong { .. } => "field_too_long",
             DecodeError::TrailingBytes { .. } => "trailing_bytes",
         }
     }
@@ -263,6 +287,20 @@ impl<'a> AttributesRef<'a> {
     /// Whether the map has no entries.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Bytes of the map's encoding (block counts, lengths, keys and values): an upper
+    /// bound of [`Self::text_bytes`], known without reading the entries.
+    pub fn encoded_len(&self) -> usize {
+        self.encoded.len()
+    }
+
+    /// Bytes of every key and value on the wire, added up (a repeated key counts each
+    /// time).
+    pub fn text_bytes(&self) -> usize {
+        self.iter()
+            .map(|(key, value)| key.len() + value.len())
+            .sum()
     }
 
     /// The entries as an owned sorted map; if the wire map repeats a key, the last

@@ -209,6 +209,98 @@ pub fn encode_aggregate(row: &BillingAggregate, out: &mut Vec<u8>) {
     put_long(out, row.last_event_time_ms);
 }
 
+/// Most bytes a varint-encoded `int` takes.
+const MAX_INT_LEN: usize = 5;
+
+/// Bytes of the varint encoding of a non-negative length.
+const fn length_prefix_len(len: usize) -> usize {
+    // Zig-zag doubles the value; each byte carries 7 bits.
+    let mut zigzag = (len as u128) << 1;
+    let mut bytes = 1;
+    while zigzag >= 0x80 {
+        zigzag >>= 7;
+        bytes += 1;
+    }
+    bytes
+}
+
+/// Bytes of an Avro string of `len` bytes: length prefix and text.
+const fn string_len(len: usize) -> usize {
+    length_prefix_len(len).saturating_add(len)
+}
+
+/// The largest sizes of a BillingAggregate row's variable parts, from which
+/// [`aggregate_encoded_len_bound`] computes the largest encoded row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AggregateSizeLimits {
+    /// Longest tenant id, model, region and channel partner, bytes (each).
+    pub dimension_bytes: usize,
+    /// Longest currency code, bytes.
+    pub currency_bytes: usize,
+    /// Longest price-book version label, bytes.
+    pub price_book_version_bytes: usize,
+    /// Longest share-rule version label, bytes.
+    pub share_rule_version_bytes: usize,
+    /// The input topic's name, bytes.
+    pub source_topic_bytes: usize,
+    /// Largest encoded shares of one row, block count included: the largest
+    /// [`shares_encoded_len`] over the share rules a row can be attributed by.
+    pub shares_bytes: usize,
+}
+
+/// Encoded bytes of a row's shares (the block's count and entries, not the map's
+/// terminating zero) when its beneficiaries have names of `beneficiary_name_bytes`
+/// bytes, with the largest basis points and amounts: 0 for no beneficiary.
+pub fn shares_encoded_len(beneficiary_name_bytes: impl IntoIterator<Item = usize>) -> usize {
+    let mut count = 0_usize;
+    let mut entries = 0_usize;
+    for name_bytes in beneficiary_name_bytes {
+        count += 1;
+        entries = entries
+            .saturating_add(string_len(name_bytes))
+            .saturating_add(MAX_INT_LEN + MAX_LONG_LEN);
+    }
+    if count == 0 {
+        return 0;
+    }
+    length_prefix_len(count).saturating_add(entries)
+}
+
+/// The largest framed BillingAggregate record [`encode_aggregate`] can write for rows
+/// within `limits`: exact lengths for the text fields, the widest varint for every
+/// number, one byte for each enum (their indexes are below 64). A row with every text
+/// at its limit and every number at its widest encodes to exactly this length.
+pub fn aggregate_encoded_len_bound(limits: &AggregateSizeLimits) -> usize {
+    let dimension = string_len(limits.dimension_bytes);
+    let texts = [
+        string_len(2 * crate::identity::ROW_ID_BYTES), // id (hex)
+        dimension,                                     // tenant_id
+        dimension,                                     // model
+        1 + dimension,                                 // channel_partner: branch, string
+        dimension,                                     // region
+        string_len(limits.currency_bytes),
+        string_len(limits.price_book_version_bytes),
+        string_len(limits.share_rule_version_bytes),
+        string_len(limits.source_topic_bytes),
+    ];
+    // window start/end, event_count, 4 token sums, gross, net, first/last offset,
+    // first/last event time.
+    let longs = 13 * MAX_LONG_LEN;
+    // correction_seq, source_partition.
+    let ints = 2 * MAX_INT_LEN;
+    // cloud, row_kind.
+    let enums = 2;
+    // The shares map's terminating zero count.
+    let map_end = 1;
+    texts
+        .into_iter()
+        .fold(
+            HEADER_LEN + longs + ints + enums + map_end,
+            usize::saturating_add,
+        )
+        .saturating_add(limits.shares_bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,10 @@ pub use decode::{
     AttributesIter, AttributesRef, DecodeError, Decoded, DecodedRef, UsageEventRef,
     decode_aggregate, decode_record, decode_record_ref,
 };
-pub use encode::{encode_aggregate, encode_tick, encode_usage_event};
+pub use encode::{
+    AggregateSizeLimits, aggregate_encoded_len_bound, encode_aggregate, encode_tick,
+    encode_usage_event, shares_encoded_len,
+};
 
 /// The magic byte that starts every Confluent-framed record.
 pub const MAGIC_BYTE: u8 = 0;
