@@ -399,6 +399,7 @@ mod tests {
                 ("billing.aggregates", "3960000"),
                 ("usage.late", "3960000"),
                 ("usage.dlq", "3960000"),
+                ("tally.checkpoints", "3960000"),
             ]
         );
     }

@@ -585,6 +585,12 @@ fn check_config_file(place: &str, body: &str, env: &[(&str, &Path)]) -> toml::Ta
         .current_dir(repo())
         .args(["config", "check", "--config"])
         .arg(&path);
+    // The deploy files name the contracts where the image puts them; `config check`
+    // loads them, so point it at the same file in the repository.
+    command.env(
+        "TALLY_AGGREGATOR__CONTRACTS_PATH",
+        repo().join("deploy/contracts/default.toml"),
+    );
     for (key, value) in env {
         command.env(key, value);
     }

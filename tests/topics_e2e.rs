@@ -36,14 +36,14 @@ async fn creates_topics_once_and_checks_them_on_rerun() {
     let first = tally(&["topics", "create"], &config);
     assert_success(&first, "first topics create");
     let stdout = String::from_utf8_lossy(&first.stdout);
-    assert_eq!(stdout.matches(": created").count(), 4, "stdout: {stdout}");
+    assert_eq!(stdout.matches(": created").count(), 5, "stdout: {stdout}");
 
     let second = tally(&["topics", "create"], &config);
     assert_success(&second, "second topics create");
     let stdout = String::from_utf8_lossy(&second.stdout);
     assert_eq!(
         stdout.matches("exists, matches the config").count(),
-        4,
+        5,
         "stdout: {stdout}"
     );
 
@@ -187,7 +187,7 @@ async fn existing_topics_with_a_too_small_timestamp_bound_are_errors_and_left_al
     let stdout = String::from_utf8_lossy(&checked.stdout);
     assert_eq!(
         stdout.matches("exists, matches the config").count(),
-        4,
+        5,
         "stdout: {stdout}"
     );
 
@@ -240,7 +240,7 @@ async fn existing_topics_with_a_too_small_timestamp_bound_are_errors_and_left_al
     let checked = tally(&["config", "check", "--topics"], &absent_config);
     assert_success(&checked, "config check --topics of missing topics");
     let stdout = String::from_utf8_lossy(&checked.stdout);
-    assert_eq!(stdout.matches("missing").count(), 4, "stdout: {stdout}");
+    assert_eq!(stdout.matches("missing").count(), 5, "stdout: {stdout}");
     let metadata = admin
         .inner()
         .fetch_metadata(None, Duration::from_secs(10))
