@@ -497,6 +497,14 @@ fn restarts_under_other_semantics_are_refused_and_later_versions_accepted() {
         "{changes:?}"
     );
 
+    let mut changed = settings(&input, &outputs, &group);
+    changed.config.validation.max_dimension_bytes -= 1;
+    let changes = refused_changes(changed);
+    assert!(
+        setting_changed(&changes, "validation.max_dimension_bytes"),
+        "{changes:?}"
+    );
+
     // A published version edited in place.
     let edited = CONTRACTS.replace("basis_points = 2000", "basis_points = 2100");
     let changes = refused_changes(with_contracts(settings(&input, &outputs, &group), &edited));

@@ -121,6 +121,10 @@ pub const SETTINGS: &[SettingSpec] = &[
     setting("mt", "validation.max_tokens_per_kind", |c| i128::from(c.validation.max_tokens_per_kind)),
     setting("ea", "validation.max_event_time_ahead_ms", |c| i128::from(c.validation.max_event_time_ahead_ms)),
     setting("eb", "validation.max_event_time_behind_ms", |c| i128::from(c.validation.max_event_time_behind_ms)),
+    setting("ds", "validation.max_dimension_bytes", |c| i128::from(c.validation.max_dimension_bytes)),
+    setting("rq", "validation.max_request_id_bytes", |c| i128::from(c.validation.max_request_id_bytes)),
+    setting("ae", "validation.max_attribute_entries", |c| i128::from(c.validation.max_attribute_entries)),
+    setting("ab", "validation.max_attributes_bytes", |c| i128::from(c.validation.max_attributes_bytes)),
     setting("ip", "topics.partitions", |c| i128::from(c.topics.partitions)),
 ];
 
@@ -777,7 +781,7 @@ reasoning = 10_000_000_000
 
     #[test]
     fn each_changed_setting_is_named_with_old_and_new_value() {
-        let cases: [(&str, ConfigEdit); 9] = [
+        let cases: [(&str, ConfigEdit); 13] = [
             ("aggregator.window_ms", |c| c.aggregator.window_ms = 30_000),
             ("aggregator.max_out_of_orderness_ms", |c| {
                 c.aggregator.max_out_of_orderness_ms += 1
@@ -799,6 +803,18 @@ reasoning = 10_000_000_000
             }),
             ("validation.max_event_time_behind_ms", |c| {
                 c.validation.max_event_time_behind_ms += 1
+            }),
+            ("validation.max_dimension_bytes", |c| {
+                c.validation.max_dimension_bytes += 1
+            }),
+            ("validation.max_request_id_bytes", |c| {
+                c.validation.max_request_id_bytes += 1
+            }),
+            ("validation.max_attribute_entries", |c| {
+                c.validation.max_attribute_entries += 1
+            }),
+            ("validation.max_attributes_bytes", |c| {
+                c.validation.max_attributes_bytes += 1
             }),
             ("topics.partitions", |c| c.topics.partitions = 12),
         ];
