@@ -17,7 +17,7 @@ use tally_core::codec::{Decoded, decode_record};
 use tally_core::event::EventId;
 use tally_core::routing::partition_for_key;
 use tally_core::validate::{ValidationLimits, validate_event};
-use tally_producer::GroundTruth;
+use tally_gen::GroundTruth;
 
 const PARTITIONS: i32 = 4;
 const EVENTS: u64 = 120_000;
