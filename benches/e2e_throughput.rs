@@ -1,7 +1,7 @@
 //! End-to-end aggregator throughput against the real broker, exactly-once on.
 //!
 //! 1. Creates random input and output topics and preloads `N` generated usage records
-//!    (every record class) with the `tally-producer` library, then one far-future
+//!    (every record class) with `tally-gen` through the `tally-producer` library, then one far-future
 //!    gateway tick per partition so every window closes. The producer is dropped
 //!    before the measurement starts.
 //! 2. Drains them with ONE aggregator, in process ([`tally_aggregator::run`] on a
@@ -43,9 +43,8 @@ use tally_core::contracts::Contracts;
 use tally_core::event::{TickOrigin, UsageTick};
 use tally_core::partition::PartitionCounters;
 use tally_core::window::WindowSize;
-use tally_producer::{
-    GeneratorConfig, GroundTruth, ProduceOptions, ProducerOptions, UsageProducer, produce_blocking,
-};
+use tally_gen::{GeneratorConfig, GroundTruth, ProduceOptions, produce_blocking};
+use tally_producer::{ProducerOptions, UsageProducer};
 
 const PARTITIONS: i32 = 6;
 const FULL_EVENTS: u64 = 2_000_000;

@@ -7,7 +7,7 @@
 //! plus the Avro encoding of every drained row, as at a commit. Kafka I/O is not part of
 //! it: `benches/e2e_throughput.rs` measures that.
 //!
-//! Input is `tally_producer::Generator` traffic for one partition with every record
+//! Input is `tally_gen::Generator` traffic for one partition with every record
 //! class (on time, out of order, corrections, duplicates, too late, rejected). Before
 //! measuring, the state is filled for longer than the dedupe horizon, so ids expire as
 //! fast as they arrive and windows close as fast as they open: the measured state
@@ -44,7 +44,7 @@ use tally_core::event::UsageEvent;
 use tally_core::partition::{PartitionParams, PartitionState};
 use tally_core::validate::{ValidationLimits, validate_event};
 use tally_core::window::WindowSize;
-use tally_producer::{GeneratedRecord, Generator, GeneratorConfig};
+use tally_gen::{GeneratedRecord, Generator, GeneratorConfig};
 
 const WINDOW_MS: i64 = 60_000;
 const MAX_OUT_OF_ORDERNESS_MS: i64 = 5_000;

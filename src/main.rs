@@ -53,7 +53,7 @@ enum Command {
     /// Aggregate usage.events into billing aggregates, exactly once (runs until SIGTERM).
     Aggregate(Box<tally_aggregator::AggregateArgs>),
     /// Produce deterministic synthetic traffic into usage.events and write its ground truth.
-    Produce(Box<tally_producer::GeneratorArgs>),
+    Produce(Box<tally_gen::GeneratorArgs>),
     /// Write billing.aggregates into the billing store, exactly once (runs until SIGTERM).
     Sink(Box<tally_sink::SinkArgs>),
     /// Hourly, daily or monthly totals from the billing store in any IANA time zone.

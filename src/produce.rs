@@ -11,9 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use tally_core::config::Config;
-use tally_producer::{
-    GeneratorArgs, GeneratorConfig, ProducerOptions, ProgressReport, UsageProducer,
-};
+use tally_gen::{GeneratorArgs, GeneratorConfig, ProgressReport};
+use tally_producer::{ProducerOptions, UsageProducer};
 use tracing::info;
 
 pub(crate) async fn run(config: &Config, args: &GeneratorArgs) -> anyhow::Result<()> {
@@ -25,11 +24,7 @@ pub(crate) async fn run(config: &Config, args: &GeneratorArgs) -> anyhow::Result
         u32::try_from(config.topics.partitions).context("topics.partitions must be positive")?;
     let defaults = GeneratorConfig {
         partitions,
-        window_ms: config.aggregator.window_ms,
-        max_out_of_orderness_ms: config.aggregator.max_out_of_orderness_ms,
-        allowed_lateness_ms: config.aggregator.allowed_lateness_ms,
-        correction_horizon_ms: config.aggregator.correction_horizon_ms,
-        ..GeneratorConfig::default()
+        ..GeneratorConfig::for_aggregator(&config.aggregator)
     };
     let generator_config = args
         .to_config_with(&defaults)
@@ -49,7 +44,7 @@ pub(crate) async fn run(config: &Config, args: &GeneratorArgs) -> anyhow::Result
         ProducerOptions::new(config.topics.usage_events.clone()),
     )
     .context("cannot create the producer")?;
-    let truth = tally_producer::produce(generator_config, producer, options, print_progress)
+    let truth = tally_gen::produce(generator_config, producer, options, print_progress)
         .await
         .context("producing failed")?;
     info!(

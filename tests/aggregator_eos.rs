@@ -1,7 +1,7 @@
 //! Exactly-once tests of `tally-aggregator` against a real Kafka broker.
 //!
 //! Needs `TALLY_TEST_BOOTSTRAP` (see `deploy/local/kafka.sh start`). Every test uses
-//! its own random topic and group names. Input comes from `tally-producer`'s
+//! its own random topic and group names. Input comes from `tally-gen`'s
 //! deterministic generator, whose ground truth is computed independently of the
 //! aggregator; each input partition ends with a gateway tick far in the future, so
 //! every window and correction pane closes at a fixed input offset.
@@ -38,7 +38,7 @@ use tally_core::contracts::Contracts;
 use tally_core::semantics::Change;
 use tally_core::timefmt::format_utc_ms;
 use tally_core::window::WindowSize;
-use tally_producer::{Generator, RecordClass};
+use tally_gen::{Generator, RecordClass};
 
 const PARTITIONS: i32 = 4;
 const EVENT_TIME: EventTime = EventTime::EOS;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tally_core::codec::{Decoded, decode_aggregate, decode_record};
 use tally_core::event::TickOrigin;
-use tally_producer::ClassFractions;
+use tally_gen::ClassFractions;
 
 use rdkafka::producer::{BaseProducer, Producer};
 use support::eos::{

@@ -50,7 +50,7 @@ use support::kill::{
 use support::prometheus::{Exposition, counter, try_scrape};
 use tally_aggregator::Checkpoint;
 use tally_core::codec::decode_aggregate;
-use tally_producer::GroundTruth;
+use tally_gen::GroundTruth;
 
 /// Default size of the soak: one million generated records.
 const DEFAULT_SOAK_EVENTS: u64 = 1_000_000;

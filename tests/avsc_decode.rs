@@ -7,7 +7,7 @@ use std::path::Path;
 use apache_avro::Schema;
 use apache_avro::types::Value;
 use tally_core::codec::{Decoded, decode_record};
-use tally_producer::{Generator, GeneratorConfig, RecordClass};
+use tally_gen::{Generator, GeneratorConfig, RecordClass};
 
 /// The `.avsc` file for a schema id, found through `schemas/catalogue.json`.
 fn schema_for_id(id: u32) -> Schema {

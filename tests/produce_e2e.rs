@@ -17,7 +17,7 @@ use tally_core::codec::{Decoded, decode_record};
 use tally_core::event::EventId;
 use tally_core::routing::partition_for_key;
 use tally_core::validate::{ValidationLimits, validate_event};
-use tally_producer::GroundTruth;
+use tally_gen::GroundTruth;
 
 const PARTITIONS: i32 = 4;
 const EVENTS: u64 = 120_000;
@@ -202,4 +202,52 @@ fn produced_topic_matches_the_ground_truth() {
             partition.partition
         );
     }
+}
+
+/// `tally produce` takes the aggregator's event-time parameters from the loaded config
+/// file (so its truth is what that aggregator must reproduce); a flag wins over it.
+#[test]
+fn produce_takes_event_time_parameters_from_the_config_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let topics = TestTopics::random();
+    let config = write_config(dir.path(), &topics, PARTITIONS, "");
+    let text = std::fs::read_to_string(&config).expect("read config");
+    let text = text.replacen(
+        "[aggregator]\n",
+        "[aggregator]\nwindow_ms = 300000\nmax_out_of_orderness_ms = 10000\n\
+         allowed_lateness_ms = 45000\ncorrection_horizon_ms = 7200000\n",
+        1,
+    );
+    std::fs::write(&config, text).expect("write config");
+    assert_success(&tally(&["topics", "create"], &config), "topics create");
+
+    let produce = |truth_name: &str, flags: &[&str]| {
+        let truth_path = dir.path().join(truth_name);
+        let mut args = vec![
+            "produce",
+            "--count",
+            "50",
+            "--truth",
+            truth_path.to_str().expect("utf-8 path"),
+        ];
+        args.extend_from_slice(flags);
+        assert_success(&tally(&args, &config), "tally produce");
+        let truth = GroundTruth::read(&truth_path).expect("ground truth");
+        let config = truth.config;
+        (
+            config.partitions,
+            config.window_ms,
+            config.max_out_of_orderness_ms,
+            config.allowed_lateness_ms,
+            config.correction_horizon_ms,
+        )
+    };
+    assert_eq!(
+        produce("from-file.json", &[]),
+        (PARTITIONS as u32, 300_000, 10_000, 45_000, 7_200_000)
+    );
+    assert_eq!(
+        produce("flag.json", &["--allowed-lateness-ms", "20000"]),
+        (PARTITIONS as u32, 300_000, 10_000, 20_000, 7_200_000)
+    );
 }

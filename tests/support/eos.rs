@@ -4,7 +4,7 @@
 //!
 //! Everything is parametrised by the partition count and the event-time parameters, so
 //! tests with different shapes share one verification. The ground truth comes from
-//! `tally-producer`'s generator and is computed independently of the aggregator.
+//! `tally-gen`'s generator and is computed independently of the aggregator.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -26,8 +26,8 @@ use tally_core::aggregate::BillingAggregate;
 use tally_core::codec::{decode_aggregate, encode_tick};
 use tally_core::event::{TickOrigin, UsageTick};
 use tally_core::partition::PartitionCounters;
-use tally_producer::generator::{TokenSums, WindowTruth};
-use tally_producer::{Generator, GeneratorConfig, GroundTruth};
+use tally_gen::generator::{TokenSums, WindowTruth};
+use tally_gen::{Generator, GeneratorConfig, GroundTruth};
 
 use super::money::TruthContracts;
 use super::{TestTopics, bootstrap, rand_name};
@@ -158,7 +158,7 @@ impl GeneratedInput {
     }
 
     /// The truth's figures of one partition.
-    pub fn partition_truth(&self, partition: i32) -> &tally_producer::generator::PartitionTruth {
+    pub fn partition_truth(&self, partition: i32) -> &tally_gen::generator::PartitionTruth {
         self.truth
             .per_partition
             .iter()
@@ -930,7 +930,7 @@ pub fn add_counters(sum: &mut PartitionCounters, counters: &PartitionCounters) {
 /// The DLQ reasons the truth's rejected records must carry, with their counts.
 pub fn expected_dlq_reasons(truth: &GroundTruth) -> BTreeMap<String, u64> {
     let mut expected: BTreeMap<String, u64> = BTreeMap::new();
-    for kind in tally_producer::RejectKind::ALL {
+    for kind in tally_gen::RejectKind::ALL {
         let count = truth
             .rejected_by_kind
             .get(kind.as_str())

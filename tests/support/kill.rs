@@ -21,7 +21,7 @@ use tally_aggregator::Checkpoint;
 use tally_core::aggregate::RowKind;
 use tally_core::codec::decode_aggregate;
 use tally_core::partition::PartitionCounters;
-use tally_producer::GroundTruth;
+use tally_gen::GroundTruth;
 
 use super::TestTopics;
 use super::eos::{

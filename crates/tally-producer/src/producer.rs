@@ -66,8 +66,6 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use tally_core::codec::{SchemaId, encode_tick, encode_usage_event};
 use tally_core::event::{UsageEvent, UsageTick};
 
-use crate::generator::GeneratorConfigError;
-
 /// The input topic of the pipeline.
 pub const DEFAULT_TOPIC: &str = "usage.events";
 
@@ -208,19 +206,6 @@ pub enum ProduceError {
         /// The topic.
         topic: String,
     },
-    /// The topic's partition count is not the one the generator routes for.
-    #[error("topic {topic} has {actual} partitions, the generator is configured for {expected}")]
-    PartitionCountMismatch {
-        /// The topic.
-        topic: String,
-        /// Partitions in the generator config.
-        expected: u32,
-        /// Partitions of the topic.
-        actual: usize,
-    },
-    /// The generator config is invalid.
-    #[error("invalid generator config")]
-    Generator(#[from] GeneratorConfigError),
     /// A blocking task panicked or was cancelled.
     #[error("the blocking producer task did not complete")]
     TaskFailed(#[source] tokio::task::JoinError),

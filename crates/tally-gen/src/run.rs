@@ -8,15 +8,41 @@
 //!
 //! Stopping early (the [`ProduceOptions::stop`] flag) still flushes and returns an exact
 //! truth for the prefix produced, marked `complete: false`. A delivery failure stops
-//! the run with [`ProduceError::Delivery`]: the truth would no longer describe the topic.
+//! the run with [`GenError::Produce`] holding the producer's
+//! [`ProduceError::Delivery`]: the truth would no longer describe the topic.
 
 use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::generator::{Generator, GeneratorConfig, GroundTruth};
-use crate::producer::{ProduceError, UsageProducer};
+use tally_producer::{ProduceError, UsageProducer};
+
+use crate::generator::{Generator, GeneratorConfig, GeneratorConfigError, GroundTruth};
+
+/// Why a generated run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GenError {
+    /// The generator config is invalid (the field is named in the source).
+    #[error("invalid generator config")]
+    Config(#[from] GeneratorConfigError),
+    /// The topic's partition count is not the one the generator routes for.
+    #[error("topic {topic} has {actual} partitions, the generator is configured for {expected}")]
+    PartitionCountMismatch {
+        /// The topic.
+        topic: String,
+        /// Partitions in the generator config.
+        expected: u32,
+        /// Partitions of the topic.
+        actual: usize,
+    },
+    /// The producer failed (metadata, enqueue, delivery or flush).
+    #[error("the producer failed")]
+    Produce(#[from] ProduceError),
+    /// The blocking run panicked or was cancelled.
+    #[error("the blocking generator task did not complete")]
+    TaskFailed(#[source] tokio::task::JoinError),
+}
 
 /// How a run is driven.
 #[derive(Debug, Clone)]
@@ -88,13 +114,13 @@ pub fn produce_blocking(
     producer: &UsageProducer,
     options: &ProduceOptions,
     mut progress: impl FnMut(&ProgressReport),
-) -> Result<GroundTruth, ProduceError> {
+) -> Result<GroundTruth, GenError> {
     let mut generator = Generator::new(config)?;
     if options.check_partition_count {
         let actual = producer.partition_count_blocking(options.metadata_timeout)?;
         let expected = generator.config().partitions;
         if actual != expected as usize {
-            return Err(ProduceError::PartitionCountMismatch {
+            return Err(GenError::PartitionCountMismatch {
                 topic: producer.topic().to_owned(),
                 expected,
                 actual,
@@ -167,8 +193,8 @@ pub async fn produce(
     producer: UsageProducer,
     options: ProduceOptions,
     progress: impl FnMut(&ProgressReport) + Send + 'static,
-) -> Result<GroundTruth, ProduceError> {
+) -> Result<GroundTruth, GenError> {
     tokio::task::spawn_blocking(move || produce_blocking(config, &producer, &options, progress))
         .await
-        .map_err(ProduceError::TaskFailed)?
+        .map_err(GenError::TaskFailed)?
 }

@@ -331,4 +331,57 @@ mod tests {
         let config = parse(&[]).expect("parses").to_config().expect("valid");
         assert_eq!(config, GeneratorConfig::default());
     }
+
+    #[test]
+    fn event_time_defaults_are_the_aggregators_config_defaults() {
+        let aggregator = tally_core::config::AggregatorConfig::default();
+        let config = parse(&[]).expect("parses").to_config().expect("valid");
+        assert_eq!(
+            (
+                config.window_ms,
+                config.max_out_of_orderness_ms,
+                config.allowed_lateness_ms,
+                config.correction_horizon_ms,
+            ),
+            (
+                aggregator.window_ms,
+                aggregator.max_out_of_orderness_ms,
+                aggregator.allowed_lateness_ms,
+                aggregator.correction_horizon_ms,
+            )
+        );
+    }
+
+    #[test]
+    fn unset_flags_take_the_loaded_aggregator_config_and_flags_win() {
+        let aggregator = tally_core::config::AggregatorConfig {
+            window_ms: 300_000,
+            max_out_of_orderness_ms: 10_000,
+            allowed_lateness_ms: 120_000,
+            correction_horizon_ms: 7_200_000,
+            ..tally_core::config::AggregatorConfig::default()
+        };
+        let defaults = GeneratorConfig::for_aggregator(&aggregator);
+        let config = parse(&[])
+            .expect("parses")
+            .to_config_with(&defaults)
+            .expect("valid");
+        assert_eq!(
+            (
+                config.window_ms,
+                config.max_out_of_orderness_ms,
+                config.allowed_lateness_ms,
+                config.correction_horizon_ms,
+            ),
+            (300_000, 10_000, 120_000, 7_200_000)
+        );
+        let config = parse(&["--allowed-lateness-ms", "45000"])
+            .expect("parses")
+            .to_config_with(&defaults)
+            .expect("valid");
+        assert_eq!(
+            (config.window_ms, config.allowed_lateness_ms),
+            (300_000, 45_000)
+        );
+    }
 }

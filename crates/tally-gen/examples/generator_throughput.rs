@@ -1,10 +1,10 @@
 //! Measures the pure generator: records per second, no Kafka.
 //!
-//! `cargo run -p tally-producer --release --example generator_throughput -- [count] [seed]`
+//! `cargo run -p tally-gen --release --example generator_throughput -- [count] [seed]`
 
 use std::time::Instant;
 
-use tally_producer::generator::{Generator, GeneratorConfig};
+use tally_gen::generator::{Generator, GeneratorConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);

@@ -14,7 +14,7 @@ use tally_core::codec::{Decoded, decode_record};
 use tally_core::event::{EventId, RequestStatus};
 use tally_core::routing::partition_for_key;
 use tally_core::validate::{ValidationLimits, validate_event};
-use tally_producer::generator::{
+use tally_gen::generator::{
     CHANNEL_PARTNERS, CLOUDS, ClassFractions, GeneratedRecord, Generator, GeneratorConfig,
     GroundTruth, MODELS, RecordClass, RejectKind, TokenSums,
 };

@@ -65,6 +65,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tally_core::codec::{MAGIC_BYTE, SchemaId, encode_usage_event};
+use tally_core::config::AggregatorConfig;
 use tally_core::event::{Cloud, EventId, RequestStatus, TokenCounts, UsageEvent};
 use tally_core::routing::partition_for_key;
 use tally_core::validate::ValidationLimits;
@@ -154,18 +155,21 @@ const fn default_partitions() -> u32 {
 const fn default_tenants() -> u32 {
     200
 }
-/// The aggregator's default window: one minute.
-const fn default_window_ms() -> i64 {
-    60_000
+/// The aggregator's default window ([`AggregatorConfig::default`]).
+fn default_window_ms() -> i64 {
+    AggregatorConfig::default().window_ms
 }
-const fn default_max_out_of_orderness_ms() -> i64 {
-    5_000
+/// The aggregator's default out-of-orderness ([`AggregatorConfig::default`]).
+fn default_max_out_of_orderness_ms() -> i64 {
+    AggregatorConfig::default().max_out_of_orderness_ms
 }
-const fn default_allowed_lateness_ms() -> i64 {
-    60_000
+/// The aggregator's default allowed lateness ([`AggregatorConfig::default`]).
+fn default_allowed_lateness_ms() -> i64 {
+    AggregatorConfig::default().allowed_lateness_ms
 }
-const fn default_correction_horizon_ms() -> i64 {
-    3_600_000
+/// The aggregator's default correction horizon ([`AggregatorConfig::default`]).
+fn default_correction_horizon_ms() -> i64 {
+    AggregatorConfig::default().correction_horizon_ms
 }
 const fn default_schema_version() -> u8 {
     1
@@ -278,7 +282,18 @@ pub struct GeneratorConfig {
 }
 
 impl Default for GeneratorConfig {
+    /// Every field's default; the event-time parameters are
+    /// [`AggregatorConfig::default`]'s.
     fn default() -> Self {
+        GeneratorConfig::for_aggregator(&AggregatorConfig::default())
+    }
+}
+
+impl GeneratorConfig {
+    /// The default config with the event-time parameters (window, out-of-orderness,
+    /// allowed lateness, correction horizon) of `aggregator`, so the truth is what an
+    /// aggregator with that config must reproduce.
+    pub fn for_aggregator(aggregator: &AggregatorConfig) -> GeneratorConfig {
         GeneratorConfig {
             seed: default_seed(),
             count: default_count(),
@@ -286,10 +301,10 @@ impl Default for GeneratorConfig {
             rate_per_sec: default_rate_per_sec(),
             partitions: default_partitions(),
             tenants: default_tenants(),
-            window_ms: default_window_ms(),
-            max_out_of_orderness_ms: default_max_out_of_orderness_ms(),
-            allowed_lateness_ms: default_allowed_lateness_ms(),
-            correction_horizon_ms: default_correction_horizon_ms(),
+            window_ms: aggregator.window_ms,
+            max_out_of_orderness_ms: aggregator.max_out_of_orderness_ms,
+            allowed_lateness_ms: aggregator.allowed_lateness_ms,
+            correction_horizon_ms: aggregator.correction_horizon_ms,
             fractions: ClassFractions::default(),
             schema_version: default_schema_version(),
         }
