@@ -133,6 +133,7 @@
 pub mod checkpoint;
 mod engine;
 pub mod error;
+pub mod kafka;
 pub mod metrics;
 pub mod record;
 mod restore;
