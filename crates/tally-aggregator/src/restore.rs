@@ -29,6 +29,7 @@ use tally_core::partition::PartitionState;
 use tracing::{debug, info};
 
 use crate::checkpoint::Checkpoint;
+use crate::decide::re_read_range;
 use crate::error::AggregatorError;
 use crate::kafka::{RestoreContext, restore_config};
 use crate::record::{InputRecord, RecordRules, apply_record};
@@ -63,7 +64,7 @@ pub(crate) fn rebuild_partition(
     )?;
     let mut records = 0_u64;
     let started = Instant::now();
-    if committed_offset > low_water {
+    if re_read_range(low_water, committed_offset).is_some() {
         let consumer: BaseConsumer<RestoreContext> = restore_config(settings)
             .create_with_context(RestoreContext)
             .map_err(|source| AggregatorError::Kafka {

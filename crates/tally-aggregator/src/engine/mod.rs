@@ -43,6 +43,7 @@ use tally_core::semantics::Semantics;
 use tally_core::validate::ValidationLimits;
 use tracing::debug;
 
+use crate::decide::{self, Settlement, TickDecision};
 use crate::error::AggregatorError;
 use crate::kafka::ProducerCallbacks;
 use crate::metrics::{self as m, PendingTotals};
@@ -326,15 +327,16 @@ impl Engine {
         let due: Vec<(i32, i64)> = self
             .partitions
             .iter()
-            .filter(|(_, owned)| {
-                owned.at_end && !owned.tick_in_flight && owned.idle_ms(now) >= idle_timeout_ms
-            })
             .filter_map(|(partition, owned)| {
-                let tick_time_ms = owned.tick_time_ms(now)?;
-                owned
-                    .live
-                    .tick_would_close(tick_time_ms)
-                    .then_some((*partition, tick_time_ms))
+                let facts = owned.tick_facts(now, idle_timeout_ms);
+                match decide::tick_decision(&facts, |tick| owned.live.tick_would_close(tick)) {
+                    TickDecision::Write { tick_time_ms } => Some((*partition, tick_time_ms)),
+                    TickDecision::NotAtEnd
+                    | TickDecision::InFlight
+                    | TickDecision::NotIdleYet
+                    | TickDecision::NoClock
+                    | TickDecision::ClosesNothing { .. } => None,
+                }
             })
             .collect();
         for (partition, tick_time_ms) in due {
@@ -365,15 +367,12 @@ impl Engine {
     /// Whether every owned partition sat at its end for `quiet` after its last usage
     /// record, with its tick read back (or none needed) and everything committed.
     fn all_settled(&self, quiet: Duration) -> bool {
-        !self.partitions.is_empty()
-            && !self.in_transaction
-            && self.partitions.values().all(|owned| {
-                owned.at_end
-                    && !owned.dirty
-                    && !owned.tick_in_flight
-                    && owned.last_usage_at.elapsed() >= quiet
-                    && (owned.tick_read_since_usage || owned.tick_is_noop(now_ms()))
-            })
+        let now = now_ms();
+        let partitions = self
+            .partitions
+            .values()
+            .map(|owned| decide::partition_settlement(&owned.settle_facts(now), quiet));
+        decide::settlement(self.in_transaction, partitions) == Settlement::Settled
     }
 
     fn refresh_gauges(&mut self, consumer: &BaseConsumer<AggregatorContext>) {

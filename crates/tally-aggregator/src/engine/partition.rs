@@ -5,6 +5,8 @@ use std::time::Instant;
 
 use tally_core::partition::PartitionState;
 
+use crate::decide::{self, SettleFacts, TickFacts};
+
 /// One owned input partition.
 pub(super) struct OwnedPartition {
     /// State after the last record processed.
@@ -85,25 +87,32 @@ impl OwnedPartition {
         self.last_usage_at = now;
     }
 
-    /// The wall-clock ms that passed since the idle base.
-    pub(super) fn idle_ms(&self, now_ms: i64) -> i64 {
-        now_ms.saturating_sub(self.idle_base_ms).max(0)
+    /// What a tick decision needs to know about this partition at `now_ms`.
+    pub(super) fn tick_facts(&self, now_ms: i64, idle_timeout_ms: i64) -> TickFacts {
+        TickFacts {
+            at_end: self.at_end,
+            tick_in_flight: self.tick_in_flight,
+            idle_base_ms: self.idle_base_ms,
+            now_ms,
+            idle_timeout_ms,
+            tick_base_ms: self.live.tick_base_ms(),
+        }
     }
 
-    /// The time a tick written at `now_ms` would carry, if the partition has a clock:
-    /// the partition's tick base (largest counted event time or last tick time) plus
-    /// the idle time that passed — never the wall clock's absolute value.
-    pub(super) fn tick_time_ms(&self, now_ms: i64) -> Option<i64> {
-        Some(
-            self.live
-                .tick_base_ms()?
-                .saturating_add(self.idle_ms(now_ms)),
-        )
-    }
-
-    /// Whether a tick written at `now_ms` would close nothing.
-    pub(super) fn tick_is_noop(&self, now_ms: i64) -> bool {
-        self.tick_time_ms(now_ms)
-            .is_none_or(|tick| !self.live.tick_would_close(tick))
+    /// What the settled check needs to know about this partition at `now_ms`.
+    pub(super) fn settle_facts(&self, now_ms: i64) -> SettleFacts {
+        SettleFacts {
+            at_end: self.at_end,
+            dirty: self.dirty,
+            tick_in_flight: self.tick_in_flight,
+            since_last_usage: self.last_usage_at.elapsed(),
+            tick_read_since_usage: self.tick_read_since_usage,
+            tick_is_noop: decide::tick_is_noop(
+                self.live.tick_base_ms(),
+                self.idle_base_ms,
+                now_ms,
+                |tick| self.live.tick_would_close(tick),
+            ),
+        }
     }
 }

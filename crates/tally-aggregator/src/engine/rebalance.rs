@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use super::partition::OwnedPartition;
 use super::{Engine, KAFKA_TIMEOUT, now_ms};
 use crate::checkpoint::Checkpoint;
+use crate::decide::{StartDecision, start_decision};
 use crate::error::AggregatorError;
 use crate::kafka::{log_client_error, log_librdkafka};
 use crate::metrics as m;
@@ -99,9 +100,10 @@ impl Engine {
         // parallel on the worker pool: a restore re-reads the partition's history.
         let mut to_restore = Vec::new();
         let mut fresh = Vec::new();
+        let mut refused = Vec::new();
         for element in committed.elements() {
             let partition = element.partition();
-            match element.offset() {
+            let restore = match element.offset() {
                 Offset::Offset(committed_offset) => {
                     let checkpoint =
                         Checkpoint::from_metadata(element.metadata()).map_err(|source| {
@@ -121,14 +123,19 @@ impl Engine {
                         partition,
                         source: Box::new(change),
                     })?;
-                    to_restore.push((
+                    Some((
                         partition,
                         checkpoint,
                         committed_offset,
                         element.metadata().to_owned(),
-                    ));
+                    ))
                 }
-                _ => fresh.push(partition),
+                _ => None,
+            };
+            match start_decision(restore, self.settings.start_from) {
+                StartDecision::Restore(restore) => to_restore.push(restore),
+                StartDecision::Fresh(start_from) => fresh.push((partition, start_from)),
+                StartDecision::Refuse => refused.push(partition),
             }
         }
         let rules = RecordRules {
@@ -163,14 +170,14 @@ impl Engine {
             );
             owned_partitions.push((partition, owned));
         }
-        for partition in fresh {
-            let Some(start_from) = self.settings.start_from else {
-                return Err(AggregatorError::NoStartPosition {
-                    topic: topic.clone(),
-                    partition,
-                    group: self.settings.config.aggregator.group_id.clone(),
-                });
-            };
+        if let Some(&partition) = refused.first() {
+            return Err(AggregatorError::NoStartPosition {
+                topic: topic.clone(),
+                partition,
+                group: self.settings.config.aggregator.group_id.clone(),
+            });
+        }
+        for (partition, start_from) in fresh {
             let start = self.resolve_start(consumer, partition, start_from)?;
             info!(
                 partition,

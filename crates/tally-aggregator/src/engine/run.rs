@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use super::rebalance::AggregatorContext;
 use super::transaction::{CommitOutcome, classify, is_fatal};
 use super::{Engine, KAFKA_TIMEOUT, Polled};
+use crate::decide::{FatalFacts, RestartDecision, restart_decision};
 use crate::error::AggregatorError;
 use crate::kafka::{ProducerCallbacks, consumer_config, producer_config};
 use crate::metrics::{self as m, PendingTotals};
@@ -27,11 +28,6 @@ const MAX_BATCH: usize = 32_768;
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 /// Housekeeping (ticks, commit timer, exit check) at most this often while records flow.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(10);
-/// Fatal errors without a committed transaction in between after which [`run`] stops
-/// instead of restarting.
-const MAX_FATAL_RESTARTS: u32 = 3;
-/// Back-off before the first restart after a fatal error; doubles each time.
-const FATAL_RESTART_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Why [`crate::run`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,22 +141,27 @@ pub fn run(
             Err(AggregatorError::Fatal { operation, source }) => (operation, source),
             Err(error) => return Err(error),
         };
-        if summary.transactions_committed > 0 {
-            fatal_in_a_row = 0;
-        }
-        fatal_in_a_row += 1;
-        if fatal_in_a_row > MAX_FATAL_RESTARTS || shutdown.load(Ordering::SeqCst) {
-            error!(
-                error = %source,
-                operation,
-                restarts = fatal_in_a_row - 1,
-                "fatal kafka error, stopping"
-            );
-            return Err(AggregatorError::Fatal { operation, source });
-        }
+        let decision = restart_decision(FatalFacts {
+            fatal_in_a_row,
+            incarnation_committed: summary.transactions_committed > 0,
+            shutdown_requested: shutdown.load(Ordering::SeqCst),
+        });
+        let backoff = match decision {
+            RestartDecision::Restart {
+                fatal_in_a_row: in_a_row,
+                backoff,
+            } => {
+                fatal_in_a_row = in_a_row;
+                backoff
+            }
+            RestartDecision::TooManyRestarts { restarts }
+            | RestartDecision::ShuttingDown { restarts } => {
+                error!(error = %source, operation, restarts, "fatal kafka error, stopping");
+                return Err(AggregatorError::Fatal { operation, source });
+            }
+        };
         m::count_fatal_restart();
         total.fatal_restarts += 1;
-        let backoff = FATAL_RESTART_BACKOFF * 2_u32.pow(fatal_in_a_row - 1);
         error!(
             error = %source,
             operation,

@@ -18,6 +18,10 @@ use tracing::{debug, error, info, warn};
 use super::rebalance::AggregatorContext;
 use super::{Engine, KAFKA_TIMEOUT, now_ms, send};
 use crate::checkpoint::Checkpoint;
+use crate::decide::{
+    AbortVerdict, TransactionCall, TransactionErrorAction, TransactionErrorFacts, abort_verdict,
+    transaction_error_action,
+};
 use crate::error::AggregatorError;
 use crate::metrics::{self as m, PendingTotals};
 
@@ -27,11 +31,6 @@ use crate::metrics::{self as m, PendingTotals};
 const SHUTDOWN_CALL_TIMEOUT: Duration = Duration::from_millis(1_500);
 /// Flush before an abort: bounded, since an aborting transaction may not drain.
 const ABORT_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
-/// Aborts in a row (without a commit in between, i.e. at the same input offsets)
-/// after which the aggregator stops instead of looping.
-const MAX_CONSECUTIVE_ABORTS: u32 = 5;
-/// Retries of a retriable `commit_transaction` error.
-const COMMIT_RETRIES: u32 = 3;
 
 /// Whether a transaction ended with a commit or an abort.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +91,15 @@ fn is_group_membership_error(error: &KafkaError) -> bool {
                 | RDKafkaErrorCode::CoordinatorNotAvailable
         )
     )
+}
+
+/// What a transaction decision needs to know about a failed call.
+fn error_facts(error: &KafkaError) -> TransactionErrorFacts {
+    TransactionErrorFacts {
+        fatal: is_fatal(error),
+        group_membership: is_group_membership_error(error),
+        retriable: is_retriable(error),
+    }
 }
 
 fn is_retriable(error: &KafkaError) -> bool {
@@ -232,17 +240,22 @@ impl Engine {
             self.producer
                 .send_offsets_to_transaction(&offsets, &group, self.call_timeout())
         {
-            return self.recover(consumer, "send offsets to transaction", error);
+            let action =
+                transaction_error_action(error_facts(&error), TransactionCall::SendOffsets);
+            return self.recover(consumer, "send offsets to transaction", action, error);
         }
         let mut retries = 0;
         loop {
-            match self.producer.commit_transaction(self.call_timeout()) {
-                Ok(()) => break,
-                Err(error) if is_retriable(&error) && retries < COMMIT_RETRIES => {
+            let Err(error) = self.producer.commit_transaction(self.call_timeout()) else {
+                break;
+            };
+            match transaction_error_action(error_facts(&error), TransactionCall::Commit { retries })
+            {
+                TransactionErrorAction::RetryCommit => {
                     retries += 1;
                     warn!(error = %error, retries, "retrying commit");
                 }
-                Err(error) => return self.recover(consumer, "commit transaction", error),
+                action => return self.recover(consumer, "commit transaction", action, error),
             }
         }
         m::record_commit_seconds(started.elapsed().as_secs_f64());
@@ -276,17 +289,25 @@ impl Engine {
         &mut self,
         consumer: &BaseConsumer<AggregatorContext>,
         operation: &'static str,
+        action: TransactionErrorAction,
         error: KafkaError,
     ) -> Result<CommitOutcome, AggregatorError> {
-        if is_fatal(&error) {
-            self.failed = true;
-            error!(error = %error, operation, "fatal producer error");
-            return Err(AggregatorError::Fatal {
-                operation,
-                source: error,
-            });
-        }
-        let counts_towards_loop = !is_group_membership_error(&error);
+        let counts_towards_loop = match action {
+            TransactionErrorAction::Fatal => {
+                self.failed = true;
+                error!(error = %error, operation, "fatal producer error");
+                return Err(AggregatorError::Fatal {
+                    operation,
+                    source: error,
+                });
+            }
+            TransactionErrorAction::Abort {
+                counts_towards_loop,
+            } => counts_towards_loop,
+            // Out of in-place retries (the commit loop retries by itself): abort and
+            // redo, counting towards the abort loop.
+            TransactionErrorAction::RetryCommit => true,
+        };
         warn!(error = %error, operation, counts_towards_loop, "transaction failed, aborting it");
         self.abort(consumer, counts_towards_loop)?;
         Ok(CommitOutcome::Aborted)
@@ -328,21 +349,22 @@ impl Engine {
                     source,
                 })?;
         }
-        if counts_towards_loop {
-            self.consecutive_aborts += 1;
-            if self.consecutive_aborts >= MAX_CONSECUTIVE_ABORTS {
+        match abort_verdict(self.consecutive_aborts, counts_towards_loop) {
+            AbortVerdict::Redo { consecutive_aborts } => {
+                self.consecutive_aborts = consecutive_aborts;
+                Ok(())
+            }
+            AbortVerdict::AbortLoop { aborts } => {
+                self.consecutive_aborts = aborts;
                 self.failed = true;
                 m::count_abort_loop();
                 error!(
-                    aborts = self.consecutive_aborts,
+                    aborts,
                     "transactions keep aborting at the same input offsets"
                 );
-                return Err(AggregatorError::AbortLoop {
-                    aborts: self.consecutive_aborts,
-                });
+                Err(AggregatorError::AbortLoop { aborts })
             }
         }
-        Ok(())
     }
 }
 
