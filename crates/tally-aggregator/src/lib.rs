@@ -129,10 +129,30 @@
 //! partitions present in a batch: librdkafka delivers each partition's fetched data as
 //! one run, so a batch spans several partitions only when fetch responses are smaller
 //! than a batch; beyond one process, scale out with more processes in the group.
+//!
+//! # Layout
+//!
+//! One concern per file:
+//! - [`kafka`]: the one client-config builder every Kafka client of tally starts from
+//!   (the binary's commands too), the aggregator's producer, group-consumer and
+//!   restore-consumer configs, and the client contexts;
+//! - `engine/`: the Kafka loop — `mod.rs` (the engine, batches, ticks, gauges),
+//!   `partition.rs` (an owned partition's live and committed state), `transaction.rs`
+//!   (commit, abort, recover), `rebalance.rs` (assignment and revocation), `run.rs`
+//!   ([`run`], its incarnations and the poll loop);
+//! - `decide.rs`: the loop's decisions (tick or not, abort or stop, restart, settled,
+//!   where an assigned partition starts) as pure functions over observed facts, unit-
+//!   and property-tested without a broker;
+//! - `restore.rs`: re-reading `[L, C)` to rebuild a partition's state;
+//! - [`record`], [`checkpoint`], [`metrics`], [`settings`], [`error`]: one record's
+//!   path through the state machine, the checkpoint format, telemetry, configuration
+//!   and errors.
 
 pub mod checkpoint;
+mod decide;
 mod engine;
 pub mod error;
+pub mod kafka;
 pub mod metrics;
 pub mod record;
 mod restore;

@@ -21,7 +21,6 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -30,8 +29,9 @@ use tally_core::partition::PartitionState;
 use tracing::{debug, info};
 
 use crate::checkpoint::Checkpoint;
-use crate::engine::RestoreContext;
+use crate::decide::re_read_range;
 use crate::error::AggregatorError;
+use crate::kafka::{RestoreContext, restore_config};
 use crate::record::{InputRecord, RecordRules, apply_record};
 use crate::settings::AggregatorSettings;
 
@@ -46,30 +46,6 @@ const DRAIN_EVERY_ROWS: usize = 4_096;
 pub(crate) struct Restored {
     pub(crate) state: PartitionState,
     pub(crate) records: u64,
-}
-
-fn restore_client_config(settings: &AggregatorSettings) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    for (key, value) in &settings.config.kafka.client {
-        config.set(key, value);
-    }
-    config
-        .set(
-            "bootstrap.servers",
-            &settings.config.kafka.bootstrap_servers,
-        )
-        // Never joins the group (assign, not subscribe) and never commits.
-        .set(
-            "group.id",
-            format!("{}.restore", settings.config.aggregator.group_id),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "error");
-    crate::engine::default_fetch_backoff(&mut config);
-    config
 }
 
 /// Re-reads `[checkpoint.low_water, committed_offset)` of `partition` into a fresh state.
@@ -88,8 +64,8 @@ pub(crate) fn rebuild_partition(
     )?;
     let mut records = 0_u64;
     let started = Instant::now();
-    if committed_offset > low_water {
-        let consumer: BaseConsumer<RestoreContext> = restore_client_config(settings)
+    if re_read_range(low_water, committed_offset).is_some() {
+        let consumer: BaseConsumer<RestoreContext> = restore_config(settings)
             .create_with_context(RestoreContext)
             .map_err(|source| AggregatorError::Kafka {
                 operation: "create restore consumer",
