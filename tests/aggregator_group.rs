@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tally_core::codec::{Decoded, decode_aggregate, decode_record};
 use tally_core::event::TickOrigin;
+use tally_core::validate::ValidationLimits;
 use tally_gen::ClassFractions;
 
 use rdkafka::producer::{BaseProducer, Producer};
@@ -654,8 +655,8 @@ fn idle_partition_gets_a_tick_and_closes_its_windows() {
         );
         assert_eq!(
             first_timestamp,
-            Some(first_time),
-            "a tick's record timestamp is its time"
+            Some(first_time - ValidationLimits::DEFAULT_MAX_EVENT_TIME_AHEAD_MS),
+            "a tick's record timestamp is its time less the allowed skew"
         );
         let times: Vec<i64> = partition_ticks.iter().map(|tick| tick.1).collect();
         assert!(

@@ -349,10 +349,18 @@ impl Engine {
                 },
                 &mut self.buffer,
             );
+            // Stamped `max_event_time_ahead_ms` before its time: the tick stays within
+            // the bound it is checked against when read back, and its timestamp is no
+            // further ahead of the broker's clock than the events that set the
+            // partition's clock (a gateway may stamp events up to the input topic's
+            // `message.timestamp.after.max.ms` ahead, with event times that much more
+            // again; a tick stamped with its own time could then be refused by the
+            // broker and abort the transaction).
+            let timestamp_ms = tick_time_ms.saturating_sub(self.limits.max_event_time_ahead_ms);
             let out = BaseRecord::<[u8], [u8]>::to(&self.settings.config.topics.usage_events)
                 .partition(partition)
                 .payload(&self.buffer)
-                .timestamp(tick_time_ms);
+                .timestamp(timestamp_ms);
             self.send(out)?;
             self.pending.add_tick_written();
             if let Some(owned) = self.partitions.get_mut(&partition) {
