@@ -59,6 +59,10 @@ use transaction::classify;
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often lag and gauges are refreshed.
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
+/// How often a quiet partition's position is compared with its high watermark.
+const END_CHECK_EVERY: Duration = Duration::from_millis(250);
+/// Time limit of that comparison's `ListOffsets` request.
+const END_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A polled record and the rebalance epoch it was polled in.
 struct Polled<'c> {
@@ -308,15 +312,34 @@ impl Engine {
         }
     }
 
-    /// After a poll that waited and got nothing: every owned partition is at its end
-    /// (librdkafka prefetches, so a partition with a backlog keeps the queue filled).
-    /// librdkafka reports a partition's end itself only when a fetch returns nothing,
-    /// which never happens while records (duplicates, junk) trickle in faster than
-    /// `fetch.wait.max.ms`. A tick written a little early is harmless: it is appended
-    /// after whatever backlog the partition still has and acts only when read back.
-    fn on_quiet(&mut self) {
-        for owned in self.partitions.values_mut() {
-            owned.at_end = true;
+    /// After a poll that waited and got nothing: checks the partitions not known to be
+    /// at their end against their high watermark (a `ListOffsets` request, at most every
+    /// [`END_CHECK_EVERY`] per partition, only while the consumer has nothing to hand
+    /// out). librdkafka reports a partition's end only when a fetch returns nothing,
+    /// which never happens while records — duplicates, junk — trickle in faster than
+    /// `fetch.wait.max.ms`; without this such a partition would never get a tick. One
+    /// offset of slack covers the commit marker after the last record of a transaction
+    /// (the aggregator's own ticks are written in transactions).
+    fn on_quiet(&mut self, consumer: &BaseConsumer<AggregatorContext>) {
+        let topic = self.settings.config.topics.usage_events.clone();
+        let now = Instant::now();
+        for (partition, owned) in &mut self.partitions {
+            if owned.at_end
+                || owned
+                    .end_checked_at
+                    .is_some_and(|checked| now.saturating_duration_since(checked) < END_CHECK_EVERY)
+            {
+                continue;
+            }
+            owned.end_checked_at = Some(now);
+            match consumer.fetch_watermarks(&topic, *partition, END_CHECK_TIMEOUT) {
+                Ok((_low, high)) => {
+                    if high <= owned.next_offset.saturating_add(1) {
+                        owned.at_end = true;
+                    }
+                }
+                Err(error) => debug!(partition, error = %error, "high watermark check failed"),
+            }
         }
     }
 

@@ -24,8 +24,11 @@ pub(super) struct OwnedPartition {
     pub(super) pending_metadata: Option<String>,
     /// Records processed since the last commit.
     pub(super) dirty: bool,
-    /// The consumer reported the partition's end and no record came since.
+    /// The partition's end was reached (reported by the consumer, or found by comparing
+    /// the position with the high watermark) and no record came since.
     pub(super) at_end: bool,
+    /// When the high watermark was last compared with the position.
+    pub(super) end_checked_at: Option<Instant>,
     /// When the last usage record was read (for `--exit-after-idle`).
     pub(super) last_usage_at: Instant,
     /// Wall-clock ms when the last event that moved the watermark, or the last tick,
@@ -63,6 +66,7 @@ impl OwnedPartition {
             pending_metadata: None,
             dirty: false,
             at_end: false,
+            end_checked_at: None,
             last_usage_at: now,
             idle_base_ms,
             committed_idle_base_ms: idle_base_ms,

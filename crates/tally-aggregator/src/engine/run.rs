@@ -387,7 +387,7 @@ fn drive(
             engine.on_eof(partition);
         }
         if quiet {
-            engine.on_quiet();
+            engine.on_quiet(consumer);
         }
         if !quiet && now.saturating_duration_since(last_housekeeping) < HOUSEKEEPING_EVERY {
             continue;
