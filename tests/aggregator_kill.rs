@@ -501,8 +501,10 @@ fn crash_soak_with_sigkills_matches_ground_truth() {
 /// horizons long, the input re-read by a restore late in the run is at most 1.1 × what
 /// a restore re-read early (history of 3–8 horizons).
 fn assert_restore_is_bounded(restores: &[RestoreCost]) {
-    // The generator sends 400 events per second of event time (`EventTime::generator`).
-    let horizon_offsets = EVENT_TIME.dedupe_horizon_ms() * 400 / 1_000;
+    // Offsets per dedupe horizon: the generator's records per second of event time.
+    let rate_per_sec =
+        i64::try_from(EVENT_TIME.generator(0, 0, PARTITIONS).rate_per_sec).expect("a small rate");
+    let horizon_offsets = EVENT_TIME.dedupe_horizon_ms() * rate_per_sec / 1_000;
     eprintln!("restore cost by kill (dedupe horizon ≈ {horizon_offsets} offsets):");
     eprintln!("  {:>10} {:>8} {:>10}", "history", "× horizon", "re-read");
     for cost in restores {

@@ -924,8 +924,7 @@ impl PartitionState {
     fn pin(&mut self, window_end_ms: i64, offset: i64) {
         // The original is remembered, so its window is marked: the oldest mark is at or
         // before the original's offset.
-        if let Some(oldest) = self.marks.values().min_by_key(|mark| mark.offset) {
-            let oldest = *oldest;
+        if let Some(oldest) = self.marks.values().min_by_key(|mark| mark.offset).copied() {
             self.pins.insert((window_end_ms, offset), oldest);
         }
     }
@@ -1350,11 +1349,6 @@ impl PartitionState {
             }));
         }
         Ok(())
-    }
-
-    /// The largest counted event time (the base of the partition's tick clock).
-    pub fn max_event_time_ms(&self) -> Option<i64> {
-        self.max_event_time_ms
     }
 
     /// Cumulative counters.

@@ -1231,11 +1231,9 @@ proptest! {
             }
         }
         let mut previous_low = 0;
-        let mut longest_reread = 0;
         for (commit, point) in points.iter().enumerate() {
             prop_assert!(point.low_water.offset >= previous_low, "low water went back at {}", commit);
             previous_low = point.low_water.offset;
-            longest_reread = longest_reread.max(commit as i64 - point.low_water.offset);
             let restored = restore_at(&records, &params, &contracts, commit, point);
             prop_assert!(restored.is_ok(), "restore at {}: {:?}", commit, restored.err());
         }
@@ -1252,6 +1250,5 @@ proptest! {
         // The final tick, a day ahead, leaves nothing live: the low water is the end.
         let end = points.last().expect("at least one point");
         prop_assert_eq!(end.low_water.offset, i64::try_from(records.len()).expect("small"));
-        let _ = longest_reread;
     }
 }
