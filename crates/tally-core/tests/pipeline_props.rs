@@ -1060,8 +1060,18 @@ fn params_require_dedupe_horizon_to_cover_lateness_and_corrections() {
 }
 
 // ---------------------------------------------------------------------------------
-// Memory measurements: run explicitly with
-// `cargo test -p tally-core --release --test pipeline_props -- --ignored --nocapture memory_per`
+// Memory per remembered id and per open key. In CI they run at a small size and check
+// the state's own size estimate; for the figures the README quotes, run at full size:
+// `TALLY_MEMORY_FULL=1 cargo test -p tally-core --release --test pipeline_props -- --nocapture memory_per`
+
+/// `full` under `TALLY_MEMORY_FULL=1`, else a tenth of it.
+fn memory_size(full: usize) -> usize {
+    if std::env::var_os("TALLY_MEMORY_FULL").is_some() {
+        full
+    } else {
+        full / 10
+    }
+}
 
 fn resident_bytes() -> Option<usize> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -1070,12 +1080,11 @@ fn resident_bytes() -> Option<usize> {
 }
 
 #[test]
-#[ignore = "measurement; prints figures"]
 fn memory_per_remembered_id() {
-    const IDS: u128 = 1_000_000;
+    let ids = memory_size(1_000_000) as u128;
     let rss_before = resident_bytes();
     let mut set = DedupeSet::new(0);
-    for id in 0..IDS {
+    for id in 0..ids {
         // 1 000 ids per 1-minute window, as at ~17 events/s.
         let window_end = (1 + (id / 1_000) as i64) * WINDOW_MS;
         set.claim(
@@ -1085,7 +1094,8 @@ fn memory_per_remembered_id() {
         );
     }
     let rss_after = resident_bytes();
-    let estimate = set.approx_bytes() as f64 / IDS as f64;
+    assert_eq!(set.len() as u128, ids);
+    let estimate = set.approx_bytes() as f64 / ids as f64;
     println!(
         "dedupe: {} ids, approx_bytes {} = {estimate:.1} bytes/id",
         set.len(),
@@ -1095,23 +1105,22 @@ fn memory_per_remembered_id() {
         println!(
             "dedupe: resident set grew {} bytes = {:.1} bytes/id",
             after - before,
-            (after - before) as f64 / IDS as f64
+            (after - before) as f64 / ids as f64
         );
     }
     assert!(estimate > 32.0 && estimate < 128.0);
 }
 
 #[test]
-#[ignore = "measurement; prints figures"]
 fn memory_per_open_key() {
-    const KEYS: usize = 200_000;
+    let keys = memory_size(200_000);
     let contracts = contracts();
     let base = ms("2025-06-01T12:00:00Z");
     let mut params = params(DAY_MS, 0);
     params.dedupe_horizon_ms = DAY_MS;
     let mut state = PartitionState::new(params).expect("valid");
     let rss_before = resident_bytes();
-    for key in 0..KEYS {
+    for key in 0..keys {
         let mut event = simple_event(key as u128, base + (key % 60) as i64 * 1_000);
         event.tenant_id = format!("tenant-{key:08}");
         event.region = "us-east-1".to_owned();
@@ -1120,10 +1129,10 @@ fn memory_per_open_key() {
     let rss_after = resident_bytes();
     let total = state.approx_state_bytes();
     let mut ids_only = DedupeSet::new(DAY_MS);
-    for key in 0..KEYS {
+    for key in 0..keys {
         ids_only.claim(EventId(key as u128), base + WINDOW_MS, 0);
     }
-    let per_key = (total - ids_only.approx_bytes()) as f64 / KEYS as f64;
+    let per_key = (total - ids_only.approx_bytes()) as f64 / keys as f64;
     println!(
         "partition: {} open panes in {} windows, approx_state_bytes {total}; {per_key:.1} bytes per open key (dedupe excluded)",
         state.open_panes(),
@@ -1133,10 +1142,10 @@ fn memory_per_open_key() {
         println!(
             "partition: resident set grew {} bytes = {:.1} bytes per key (pane + its event id)",
             after - before,
-            (after - before) as f64 / KEYS as f64
+            (after - before) as f64 / keys as f64
         );
     }
-    assert_eq!(state.open_panes(), KEYS);
+    assert_eq!(state.open_panes(), keys);
 }
 
 // ---------------------------------------------------------------------------------
