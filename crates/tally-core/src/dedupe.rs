@@ -22,8 +22,8 @@
 //!   up to 2×): between about 45 and 89 bytes per id depending on where the table is in
 //!   its growth cycle. The window end is not stored per id: the queue an id sits in
 //!   says it. [`DedupeSet::approx_bytes`] computes this from the actual capacities.
-//!   Measured (`cargo test -p tally-core --release --test pipeline_props -- --ignored
-//!   --nocapture --test-threads=1 memory_per`, 1 000 000 random ids, 1 000 per
+//!   Measured (`TALLY_MEMORY_FULL=1 cargo test -p tally-core --release --test
+//!   pipeline_props -- --nocapture --test-threads=1 memory_per`, 1 000 000 random ids, 1 000 per
 //!   window): approx_bytes = 68.9 bytes/id, resident set growth = 52.4 bytes/id (queue
 //!   capacity not yet written is not resident). Sizing: memory ≈ events/s × (dedupe
 //!   horizon + window) × ~70 bytes; e.g. 10 000 events/s with a 1-hour horizon ≈

@@ -106,8 +106,8 @@
 //! [`PartitionState::approx_state_bytes`] estimates heap bytes from capacities: the
 //! dedupe set (see [`crate::dedupe`]), each open pane (key and accumulator in its
 //! window's hash table), the interned dims strings (each distinct string once per
-//! partition, not once per pane) and queued rows. Measured with `cargo test -p tally-core
-//! --test pipeline_props -- --ignored --nocapture --test-threads=1 memory_per`:
+//! partition, not once per pane) and queued rows. Measured with `TALLY_MEMORY_FULL=1 cargo
+//! test -p tally-core --test pipeline_props -- --nocapture --test-threads=1 memory_per`:
 //! - per remembered event id: 68.9 bytes estimated, 52.4 bytes of resident set
 //!   (1 000 000 ids);
 //! - per open key (one pane of short dims strings, in one window; panes are a hash map
