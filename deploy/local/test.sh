@@ -4,7 +4,8 @@
 # Installs missing Debian build packages, starts a real single-node Kafka
 # broker and a PostgreSQL server on 127.0.0.1, then runs, failing fast:
 #   promtool check/test of the alert rules, docker-compose config of the stack,
-#   cargo fmt --check, cargo clippy -D warnings, cargo test, benches in test mode
+#   cargo fmt --check, cargo clippy -D warnings, the test build, every test
+#   (the kill soak in a second lane), doctests, benches in test mode
 # Both services are stopped on exit, whatever happens.
 #
 # Env:
@@ -131,6 +132,50 @@ check_alert_rules() {
   promtool test rules deploy/prometheus/tally-alerts.test.yml
 }
 
+# The test executables cargo built, one "executable<TAB>manifest path" per line.
+test_binaries() {
+  cargo test --workspace --locked --no-run --message-format=json 2>/dev/null |
+    grep '"executable":"[^"]*/deps/' |
+    sed -n 's/.*"manifest_path":"\([^"]*\)".*"executable":"\([^"]*\)".*/\2\t\1/p'
+}
+
+# Runs the test executables of one lane in turn, each from its package's directory
+# (as cargo does); prints a line per failure and returns non-zero if any failed.
+run_lane() {
+  local exe manifest failed=0
+  while IFS=$'\t' read -r exe manifest; do
+    echo "     Running $(basename "$exe")"
+    if ! (cd "$(dirname "$manifest")" && "$exe"); then
+      echo "test.sh: FAILED: $(basename "$exe")"
+      failed=1
+    fi
+  done
+  return "$failed"
+}
+
+# Every test, in two lanes sharing the broker and the database (the tests use
+# their own topics, groups and databases): the aggregator's kill soak, mostly
+# waiting on commit intervals and restarts, runs beside everything else. Then the
+# doctests, and criterion's test mode (every benchmark runs once, as a smoke test,
+# reusing the test build; real figures come from `cargo bench`, see README).
+run_tests() {
+  local all soak_log="$TALLY_RUN_DIR/lane-soak.log" soak_rc=0 rest_rc=0 pid
+  all="$(test_binaries)"
+  [[ -n $all ]] || die "cargo listed no test executables"
+  grep -E '/aggregator_kill-[0-9a-f]+'$'\t' <<<"$all" | run_lane >"$soak_log" 2>&1 &
+  pid=$!
+  {
+    grep -vE '/aggregator_kill-[0-9a-f]+'$'\t' <<<"$all" | run_lane &&
+      cargo test --workspace --locked --doc &&
+      cargo test --workspace --locked --benches
+  } || rest_rc=$?
+  wait "$pid" || soak_rc=$?
+  echo
+  echo "==> lane: aggregator_kill (ran beside the tests above)"
+  cat "$soak_log"
+  ((soak_rc == 0 && rest_rc == 0))
+}
+
 # Prints KEY's value from an env file written by kafka.sh / postgres.sh.
 env_value() {
   sed -n "s/^$2=//p" "$1" | tail -n 1
@@ -182,8 +227,5 @@ else
   step fmt cargo fmt --all -- --check
   step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 fi
-step test cargo test --workspace --locked
-# Criterion's test mode: every benchmark runs once, as a smoke test. Run through
-# `cargo test` so the benches reuse the test build instead of a second, optimised
-# build of every dependency; real figures come from `cargo bench` (see README).
-step bench cargo test --workspace --locked --benches
+step build cargo test --workspace --locked --no-run --all-targets
+step test run_tests
