@@ -47,7 +47,10 @@
 //! offset is a multiple of 15 minutes: any zone's hours, days and months are exact
 //! sums of buckets ([`report`]). Amounts are sums of per-row rounded micro-units.
 
+mod db;
 pub mod error;
+pub mod export;
+pub mod mapping;
 pub mod metrics;
 mod pg;
 pub mod report;
@@ -55,6 +58,7 @@ pub mod rows;
 pub mod run;
 mod schema;
 mod sqlite;
+pub mod statement;
 pub mod store;
 
 pub use error::SinkError;
