@@ -509,13 +509,27 @@ fn manifest(out: &Path, market: Market) -> Json {
 }
 
 #[test]
-fn aws_exports_carry_correct_defer_and_acknowledge_exactly() {
+fn aws_exports_carry_correct_defer_and_acknowledge_exactly_in_sqlite() {
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = finance_config(dir.path());
-    let mapping = dir.path().join("mapping.toml");
-    std::fs::write(&mapping, mapping_toml()).expect("mapping");
     let database = format!("sqlite:{}", dir.path().join("billing.db").display());
+    aws_flow(&database, dir.path());
+    eprintln!("aws export test (sqlite) took {:?}", started.elapsed());
+}
+
+#[test]
+fn aws_exports_carry_correct_defer_and_acknowledge_exactly_in_postgres() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let database = support::finance::pg_fresh_database("export");
+    aws_flow(&database, dir.path());
+    eprintln!("aws export test (postgres) took {:?}", started.elapsed());
+}
+
+fn aws_flow(database: &str, dir: &Path) {
+    let config = finance_config(dir);
+    let mapping = dir.join("mapping.toml");
+    std::fs::write(&mapping, mapping_toml()).expect("mapping");
     let location = StoreLocation::parse("database", &database).expect("location");
     let contracts = TruthContracts::default_file();
     let market = Market::Aws;
@@ -527,9 +541,9 @@ fn aws_exports_carry_correct_defer_and_acknowledge_exactly() {
 
     // One second before hour 10's liveness bound passes: nothing is exported.
     let early = export(
-        &database,
+        database,
         market,
-        &dir.path().join("early"),
+        &dir.join("early"),
         H0 + HOUR_MS + LIVENESS_MS - 1_000,
         &config,
         &mapping,
@@ -537,17 +551,10 @@ fn aws_exports_carry_correct_defer_and_acknowledge_exactly() {
     assert_eq!(early["hours_exported"], serde_json::json!([]));
 
     let now1 = H0 + 3 * HOUR_MS + LIVENESS_MS;
-    let first = export(
-        &database,
-        market,
-        &dir.path().join("a"),
-        now1,
-        &config,
-        &mapping,
-    );
+    let first = export(database, market, &dir.join("a"), now1, &config, &mapping);
     model.run(market, &contracts, &store, now1);
     assert_eq!(first["hours_exported"].as_array().expect("hours").len(), 3);
-    let got = records(&dir.path().join("a"), market);
+    let got = records(&dir.join("a"), market);
     assert_eq!(got, model.ledger, "first export");
     // The 3 × 10¹² output tokens of one row are 3 × 10⁹ units: the first hour carries
     // the Int32 maximum and the rest goes to the next hour.
@@ -558,25 +565,15 @@ fn aws_exports_carry_correct_defer_and_acknowledge_exactly() {
         3_000_000_000 - 2_147_483_647
     );
     assert!(
-        files(&dir.path().join("a"), market).len() > 4,
+        files(&dir.join("a"), market).len() > 4,
         "more than 25 records per hour make several requests"
     );
 
     // A re-run writes the same bytes and exports nothing new.
-    let again = export(
-        &database,
-        market,
-        &dir.path().join("b"),
-        now1,
-        &config,
-        &mapping,
-    );
+    let again = export(database, market, &dir.join("b"), now1, &config, &mapping);
     assert_eq!(again["hours_exported"], serde_json::json!([]));
     assert_eq!(again["records_written"], 0);
-    assert_eq!(
-        files(&dir.path().join("a"), market),
-        files(&dir.path().join("b"), market)
-    );
+    assert_eq!(files(&dir.join("a"), market), files(&dir.join("b"), market));
 
     // Corrections of hour 10 arrive after it was exported, with usage of hour 13.
     let corrections = hour_specs(0, 1);
@@ -586,27 +583,20 @@ fn aws_exports_carry_correct_defer_and_acknowledge_exactly() {
     store.extend(corrections.iter().cloned());
     store.extend(hour13);
     let now2 = H0 + 4 * HOUR_MS + LIVENESS_MS;
-    let second = export(
-        &database,
-        market,
-        &dir.path().join("c"),
-        now2,
-        &config,
-        &mapping,
-    );
+    let second = export(database, market, &dir.join("c"), now2, &config, &mapping);
     model.run(market, &contracts, &store, now2);
     assert_eq!(
         second["hours_exported"],
         serde_json::json!([rfc3339(H0 + 3 * HOUR_MS)])
     );
     assert_eq!(
-        records(&dir.path().join("c"), market),
+        records(&dir.join("c"), market),
         model.ledger,
         "after corrections"
     );
     // The files of hours 10-12 did not change: no hour is exported twice.
-    let before = files(&dir.path().join("a"), market);
-    let after = files(&dir.path().join("c"), market);
+    let before = files(&dir.join("a"), market);
+    let after = files(&dir.join("c"), market);
     for (name, bytes) in &before {
         if name != "manifest.json" {
             assert_eq!(after.get(name), Some(bytes), "{name} unchanged");
@@ -614,7 +604,7 @@ fn aws_exports_carry_correct_defer_and_acknowledge_exactly() {
     }
     // The manifest says which usage of hour 10 went into hour 13.
     let carried_expected = measure_by_hour(market, &contracts, &corrections);
-    let manifest_c = manifest(&dir.path().join("c"), market);
+    let manifest_c = manifest(&dir.join("c"), market);
     let mut carried_got = BTreeMap::new();
     for entry in manifest_c["carried"].as_array().expect("carried") {
         assert_eq!(entry["into_hour"], rfc3339(H0 + 3 * HOUR_MS));
@@ -640,14 +630,7 @@ fn aws_exports_carry_correct_defer_and_acknowledge_exactly() {
     write_rows(&location, &contracts, &hour14, 2);
     store.extend(hour14);
     let now3 = H0 + 4 * HOUR_MS + 6 * HOUR_MS + MINUTE_MS;
-    let third = export(
-        &database,
-        market,
-        &dir.path().join("d"),
-        now3,
-        &config,
-        &mapping,
-    );
+    let third = export(database, market, &dir.join("d"), now3, &config, &mapping);
     model.run(market, &contracts, &store, now3);
     assert_eq!(model.overdue, vec![H0 + 4 * HOUR_MS]);
     assert_eq!(
@@ -655,11 +638,11 @@ fn aws_exports_carry_correct_defer_and_acknowledge_exactly() {
         serde_json::json!([rfc3339(H0 + 4 * HOUR_MS)])
     );
     assert_eq!(
-        records(&dir.path().join("d"), market),
+        records(&dir.join("d"), market),
         model.ledger,
         "after an overdue hour"
     );
-    let overdue = &manifest(&dir.path().join("d"), market)["overdue"];
+    let overdue = &manifest(&dir.join("d"), market)["overdue"];
     assert_eq!(
         overdue,
         &serde_json::json!([{ "hour": rfc3339(H0 + 4 * HOUR_MS), "carried_into": rfc3339(H0 + 5 * HOUR_MS) }])
@@ -667,7 +650,7 @@ fn aws_exports_carry_correct_defer_and_acknowledge_exactly() {
 
     // The uploader posts hour 10's first request: one DuplicateRecord (delivered), one
     // CustomerNotSubscribed (rejected), the rest Success.
-    let d = dir.path().join("d");
+    let d = dir.join("d");
     let request_path = d
         .join("aws")
         .join(format!("{}Z-00.json", &rfc3339(H0)[..13]));
@@ -686,7 +669,7 @@ fn aws_exports_carry_correct_defer_and_acknowledge_exactly() {
             serde_json::json!({ "UsageRecord": record, "MeteringRecordId": format!("m-{index}"), "Status": status })
         })
         .collect();
-    let response_path = dir.path().join("response.json");
+    let response_path = dir.join("response.json");
     std::fs::write(
         &response_path,
         serde_json::json!({ "Results": results, "UnprocessedRecords": [] }).to_string(),
@@ -698,7 +681,7 @@ fn aws_exports_carry_correct_defer_and_acknowledge_exactly() {
                 "export",
                 "ack",
                 "--database",
-                &database,
+                database,
                 "--marketplace",
                 "aws",
                 "--request",
@@ -736,15 +719,8 @@ fn aws_exports_carry_correct_defer_and_acknowledge_exactly() {
         .expect("response");
         ack(&path, &response_path);
     }
-    export(
-        &database,
-        market,
-        &dir.path().join("e"),
-        now3,
-        &config,
-        &mapping,
-    );
-    let left = files(&dir.path().join("e"), market);
+    export(database, market, &dir.join("e"), now3, &config, &mapping);
+    let left = files(&dir.join("e"), market);
     assert!(
         left.keys()
             .all(|name| !name.starts_with(&rfc3339(H0)[..13])),
@@ -754,7 +730,6 @@ fn aws_exports_carry_correct_defer_and_acknowledge_exactly() {
         left.keys()
             .any(|name| name.starts_with(&rfc3339(H0 + HOUR_MS)[..13]))
     );
-    eprintln!("aws export test took {:?}", started.elapsed());
 }
 
 #[test]
