@@ -530,7 +530,7 @@ fn aws_flow(database: &str, dir: &Path) {
     let config = finance_config(dir);
     let mapping = dir.join("mapping.toml");
     std::fs::write(&mapping, mapping_toml()).expect("mapping");
-    let location = StoreLocation::parse("database", &database).expect("location");
+    let location = StoreLocation::parse("database", database).expect("location");
     let contracts = TruthContracts::default_file();
     let market = Market::Aws;
     let mut model = Model::default();
