@@ -834,3 +834,60 @@ fn a_mapping_error_names_the_entry() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("aws.dimensions[0]"), "{stderr}");
 }
+
+#[test]
+fn new_hours_wait_until_the_sink_reached_the_end_of_the_aggregates_topic() {
+    let started = Instant::now();
+    let bootstrap = support::bootstrap();
+    let topic = support::rand_name("export-check");
+    support::eos::create_topics(&bootstrap, &[&topic], 2);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("kafka.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[metrics]\nlisten = \"\"\n[kafka]\nbootstrap_servers = \"{bootstrap}\"\n[topics]\nbilling_aggregates = \"{topic}\"\n[aggregator]\nwindow_ms = 60000\nallowed_lateness_ms = 30000\nidle_timeout_ms = 10000\ncommit_interval_ms = 1000\n"
+        ),
+    )
+    .expect("config");
+    let mapping = dir.path().join("mapping.toml");
+    std::fs::write(&mapping, mapping_toml()).expect("mapping");
+    let database = format!("sqlite:{}", dir.path().join("billing.db").display());
+    let location = StoreLocation::parse("database", &database).expect("location");
+    let contracts = TruthContracts::default_file();
+    let run = |now: i64| -> Json {
+        let text = tally_ok(
+            &[
+                "export",
+                "--database",
+                &database,
+                "--marketplace",
+                "aws",
+                "--mapping",
+                &mapping.display().to_string(),
+                "--out",
+                &dir.path().join("out").display().to_string(),
+                "--now",
+                &rfc3339(now),
+            ],
+            &config,
+        );
+        serde_json::from_str(&text[text.find('{').expect("summary")..]).expect("json")
+    };
+    // Four records per partition on the topic (high watermark 4); the store holds two
+    // rows per partition, read at offsets 0 and 2, and next offset 4: caught up.
+    support::sink::produce_synthetic_rows(&topic, 2, 0..8);
+    let specs: Vec<RowSpec> = hour_specs(0, 0).into_iter().take(4).collect();
+    let offsets = support::finance::write_rows_to(&location, &contracts, &specs, 2, &topic);
+    assert_eq!(offsets.values().copied().collect::<Vec<_>>(), vec![4, 4]);
+    let now = H0 + HOUR_MS + LIVENESS_MS;
+    let first = run(now);
+    assert_eq!(first["sink_caught_up"], true);
+    assert_eq!(first["hours_exported"], serde_json::json!([rfc3339(H0)]));
+    // Two more records on partition 0 the sink has not stored: the next hour waits.
+    support::sink::produce_synthetic_rows(&topic, 1, 8..10);
+    let later = run(now + HOUR_MS);
+    assert_eq!(later["sink_caught_up"], false);
+    assert_eq!(later["hours_exported"], serde_json::json!([]));
+    eprintln!("export kafka check test took {:?}", started.elapsed());
+}

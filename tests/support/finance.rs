@@ -135,8 +135,19 @@ pub fn write_rows(
     specs: &[RowSpec],
     partitions: i32,
 ) -> std::collections::BTreeMap<i32, i64> {
+    write_rows_to(location, contracts, specs, partitions, TOPIC)
+}
+
+/// [`write_rows`] as if read from `topic`.
+pub fn write_rows_to(
+    location: &StoreLocation,
+    contracts: &TruthContracts,
+    specs: &[RowSpec],
+    partitions: i32,
+    topic: &str,
+) -> std::collections::BTreeMap<i32, i64> {
     let mut store = Store::open(location, Duration::from_secs(30)).expect("open store");
-    let mut offsets = store.load_offsets(TOPIC).expect("offsets");
+    let mut offsets = store.load_offsets(topic).expect("offsets");
     for partition in 0..partitions {
         let expected = offsets.get(&partition).copied();
         let mut next = expected.unwrap_or(0);
@@ -152,7 +163,7 @@ pub fn write_rows(
                 row,
                 &value,
                 Position {
-                    topic: TOPIC.to_owned(),
+                    topic: topic.to_owned(),
                     partition,
                     offset: next,
                 },
@@ -168,7 +179,7 @@ pub fn write_rows(
             .write_batch(&Batch {
                 rows,
                 offsets: vec![OffsetAdvance {
-                    topic: TOPIC.to_owned(),
+                    topic: topic.to_owned(),
                     partition,
                     expected,
                     next,

@@ -187,6 +187,9 @@ pub struct ExportRequest {
 /// What a run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ExportSummary {
+    /// Whether new hours could be exported: the sink had reached the end of every
+    /// partition (or the check was skipped).
+    pub sink_caught_up: bool,
     /// Hours exported by this run.
     pub hours_exported: Vec<String>,
     /// Hours this run found past their deadline.
@@ -308,7 +311,10 @@ fn bookkeep(db: &mut Db, request: &ExportRequest) -> Result<ExportSummary, SinkE
             &[Value::Int(EXPORT_LOCK)],
         )?;
     }
-    let mut summary = ExportSummary::default();
+    let mut summary = ExportSummary {
+        sink_caught_up: request.sink_caught_up,
+        ..ExportSummary::default()
+    };
     // The last hour whose liveness bound has passed.
     let last_ready_end = (request.now_ms - request.liveness_ms).div_euclid(HOUR_MS) * HOUR_MS;
     let processed: Option<i64> = db
@@ -1052,6 +1058,20 @@ pub fn ledger_counts(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caught_up_means_at_most_the_last_offset_left() {
+        let high: BTreeMap<i32, i64> = [(0, 10), (1, 0)].into_iter().collect();
+        let at = |next: i64| -> BTreeMap<i32, i64> { [(0, next)].into_iter().collect() };
+        // Offset 9 is a commit marker or a record of an open transaction.
+        assert!(caught_up(&at(9), &high));
+        assert!(caught_up(&at(10), &high));
+        assert!(!caught_up(&at(8), &high));
+        // A partition with records and no stored offset is behind; an empty one is not.
+        assert!(!caught_up(&BTreeMap::new(), &high));
+        let empty: BTreeMap<i32, i64> = [(0, 0)].into_iter().collect();
+        assert!(caught_up(&BTreeMap::new(), &empty));
+    }
 
     #[test]
     fn operation_ids_are_uuid_shaped_and_stable() {
