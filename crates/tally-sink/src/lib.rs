@@ -3,7 +3,10 @@
 //! `tally sink` reads `billing.aggregates` with `isolation.level=read_committed` and
 //! writes each row by its deterministic id into PostgreSQL (production) or SQLite (the
 //! embedded default, one file). `tally report` sums the store's 15-minute roll-ups
-//! into hours, days or months of any IANA time zone.
+//! into hours, days or months of any IANA time zone. `tally statement` ([`statement`])
+//! writes a partner's monthly revenue-share statement from the rows, reproducible from
+//! the offsets it names; `tally export` ([`export`], [`mapping`]) writes the hourly
+//! marketplace request files and keeps their ledger in the store.
 //!
 //! # Exactly once into the store
 //!
