@@ -427,10 +427,10 @@ fn bookkeep(db: &mut Db, request: &ExportRequest) -> Result<ExportSummary, SinkE
         summary.next_ready_at = Some(utc(start + HOUR_MS + request.liveness_ms));
         return Ok(summary);
     }
-    let plans: BTreeMap<String, (String, i64)> = mapping
+    let plans: BTreeMap<&str, &str> = mapping
         .customers
         .values()
-        .map(|customer| (customer.id.clone(), (customer.plan.clone(), 0)))
+        .map(|customer| (customer.id.as_str(), customer.plan.as_str()))
         .collect();
     let now = crate::store::now_ms();
     let mut hour = start;
@@ -530,10 +530,7 @@ fn bookkeep(db: &mut Db, request: &ExportRequest) -> Result<ExportSummary, SinkE
             }
             if emit {
                 carry.exported_units += quantity;
-                let plan = plans
-                    .get(customer)
-                    .map(|(plan, _)| plan.clone())
-                    .unwrap_or_default();
+                let plan = plans.get(customer.as_str()).copied().unwrap_or_default();
                 db.execute(
                     "INSERT INTO tally_export_ledger (marketplace, customer, dimension, hour_start_ms, plan, quantity, status, detail, updated_at_ms) \
                      VALUES ($1, $2, $3, $4, $5, $6, 'written', '', $7)",
@@ -1037,22 +1034,6 @@ pub fn ack(
         }
     }
     Ok(summary)
-}
-
-/// Ledger lines per status, for a marketplace (`written`, `delivered`, `rejected`).
-pub fn ledger_counts(
-    location: &StoreLocation,
-    marketplace: Marketplace,
-) -> Result<BTreeMap<String, i64>, SinkError> {
-    let mut db = Db::open(location, Duration::from_secs(30))?;
-    let mut counts = BTreeMap::new();
-    for row in db.query(
-        "SELECT status, quantity FROM tally_export_ledger WHERE marketplace = $1",
-        &[Value::from(marketplace.name())],
-    )? {
-        *counts.entry(row[0].text("status")?).or_insert(0) += 1;
-    }
-    Ok(counts)
 }
 
 #[cfg(test)]

@@ -295,7 +295,6 @@ fn utc(ms: i64) -> String {
 }
 
 /// Builds the statement from P's share rows (pure: no I/O).
-#[allow(clippy::too_many_arguments)]
 pub fn compute(
     partner: &str,
     period: &str,
