@@ -37,6 +37,12 @@
 //! was exported (a correction pane, or an hour that was overdue) is added to the next
 //! hour exported, listed under `carried` in the manifest with the hour it belongs to.
 //!
+//! Each run reads every billable roll-up line and the whole accounted table, so usage
+//! of any age that reached the store after its hour (say, rows of an aggregator that
+//! was down for longer than the correction horizon) is still carried, never lost. The
+//! cost of a run therefore grows with the store's history; a bound would need the
+//! aggregator's watermarks, not the wall clock.
+//!
 //! # Deadlines
 //!
 //! AWS rejects records 6 h or more after their hour, Azure after 24 h; GCP wants the
