@@ -768,6 +768,59 @@ fn azure_and_gcp_exports_follow_their_rules() {
             market.name()
         );
     }
+    // Acknowledgements: an Azure HTTP 409 (already accepted) delivers the whole
+    // request; a GCP report error rejects its operation and delivers the others.
+    let ack = |market: Market, request: &Path, response: &str, status: Option<&str>| -> Json {
+        let response_path = dir.path().join("answer.json");
+        std::fs::write(&response_path, response).expect("answer");
+        let mut args = vec![
+            "export".to_owned(),
+            "ack".to_owned(),
+            "--database".to_owned(),
+            database.clone(),
+            "--marketplace".to_owned(),
+            market.name().to_owned(),
+            "--request".to_owned(),
+            request.display().to_string(),
+            "--response".to_owned(),
+            response_path.display().to_string(),
+        ];
+        if let Some(status) = status {
+            args.extend(["--http-status".to_owned(), status.to_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        serde_json::from_str(&tally_ok(&args, &config)).expect("ack summary")
+    };
+    let azure_request = dir
+        .path()
+        .join("azure")
+        .join("azure")
+        .join(format!("{}Z-00.json", &rfc3339(H0)[..13]));
+    let azure_body: Json =
+        serde_json::from_slice(&std::fs::read(&azure_request).expect("azure request"))
+            .expect("json");
+    let events = azure_body["request"].as_array().expect("events").len();
+    let azure_ack = ack(Market::Azure, &azure_request, "", Some("409"));
+    assert_eq!(azure_ack["delivered"], events);
+    assert_eq!(azure_ack["rejected"], 0);
+    let gcp_request = dir
+        .path()
+        .join("gcp")
+        .join("gcp")
+        .join(format!("{}Z-00.json", &rfc3339(H0)[..13]));
+    let gcp_body: Json =
+        serde_json::from_slice(&std::fs::read(&gcp_request).expect("gcp request")).expect("json");
+    let operations = gcp_body["operations"].as_array().expect("operations");
+    let failed = operations[0]["operationId"].as_str().expect("operation id");
+    let gcp_ack = ack(
+        Market::Gcp,
+        &gcp_request,
+        &serde_json::json!({ "reportErrors": [{ "operationId": failed, "status": { "code": 3, "message": "invalid metric" } }] }).to_string(),
+        None,
+    );
+    assert_eq!(gcp_ack["rejected"], 1);
+    assert_eq!(gcp_ack["delivered"], operations.len() - 1);
+
     // GCP: once reported, a consumer's metric is reported every hour (0 included), so
     // its intervals are contiguous.
     let gcp = records(&dir.path().join("gcp"), Market::Gcp);
