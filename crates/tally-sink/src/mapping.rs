@@ -344,6 +344,19 @@ impl Mapping {
         if customers.is_empty() {
             return Err(invalid(format!("{section}.customers is empty")));
         }
+        // Tenants may share a customer (their usage adds up), but then with one plan.
+        let mut plan_of: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+        for (tenant, customer) in &customers {
+            if let Some((other, plan)) = plan_of.get(customer.id.as_str())
+                && *plan != customer.plan
+            {
+                return Err(invalid(format!(
+                    "{section}.customers.{tenant}: customer {} has another plan or licence under {other}",
+                    customer.id
+                )));
+            }
+            plan_of.insert(&customer.id, (tenant, &customer.plan));
+        }
         if dimensions.is_empty() {
             return Err(invalid(format!("{section}.dimensions is empty")));
         }
@@ -457,6 +470,12 @@ unit_size = 1000
             "unit_size = 1000\nunits = 1\n[[aws",
         );
         assert!(Mapping::parse(&unknown, Marketplace::Aws).is_err());
+        let shared = AWS.replace(
+            "t1 = { account_id = \"111122223333\" }",
+            "t1 = { account_id = \"111122223333\" }\nt2 = { account_id = \"111122223333\", license_arn = \"arn:x\" }",
+        );
+        let error = Mapping::parse(&shared, Marketplace::Aws).expect_err("two plans");
+        assert!(error.to_string().contains("aws.customers.t2"), "{error}");
         let twice = AWS.replace("input_tokens", "output_tokens");
         let error = Mapping::parse(&twice, Marketplace::Aws).expect_err("mapped twice");
         assert!(error.to_string().contains("aws.dimensions[1]"), "{error}");
