@@ -5,13 +5,15 @@
 //! (deterministic synthetic traffic with a ground-truth file), `sink` (aggregates into
 //! the billing store), `report` (totals from the store in any time zone), `config check`
 //! (validate the configuration and its contracts; with `--topics`, the existing topics
-//! too).
+//! too), `statement` (a partner's monthly revenue-share statement), `export` and `export
+//! ack` (marketplace usage files and their ledger).
 
 mod aggregate;
 mod kafka;
 mod produce;
 mod settings;
 mod sink;
+mod statements;
 mod telemetry;
 mod topics;
 
@@ -58,11 +60,31 @@ enum Command {
     Sink(Box<tally_sink::SinkArgs>),
     /// Hourly, daily or monthly totals from the billing store in any IANA time zone.
     Report(Box<tally_sink::report::ReportArgs>),
+    /// A partner's revenue-share statement for one month, from the billing store.
+    Statement(Box<tally_sink::statement::StatementArgs>),
+    /// Hourly marketplace usage files (AWS, Azure, GCP) from the billing store, and
+    /// (`export ack`) the marketplace's answers into the ledger.
+    Export(Box<ExportCommand>),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
         action: ConfigAction,
     },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct ExportCommand {
+    #[command(subcommand)]
+    action: Option<ExportAction>,
+    #[command(flatten)]
+    run: tally_sink::export::ExportArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum ExportAction {
+    /// Record the marketplace's answer to a posted request file in the ledger.
+    Ack(tally_sink::export::AckArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +150,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(args) => produce::run(&config, &args).await,
         Command::Sink(args) => sink::run(config, &args).await,
         Command::Report(args) => sink::report(*args).await,
+        Command::Statement(args) => statements::statement(*args).await,
+        Command::Export(command) => match command.action {
+            Some(ExportAction::Ack(args)) => statements::ack(args).await,
+            None => statements::export(config, command.run).await,
+        },
         Command::Topics {
             action: TopicsAction::Create,
         } => {

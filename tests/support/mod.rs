@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod eos;
+pub mod finance;
 pub mod kill;
 pub mod money;
 pub mod prometheus;

@@ -3,7 +3,10 @@
 //! `tally sink` reads `billing.aggregates` with `isolation.level=read_committed` and
 //! writes each row by its deterministic id into PostgreSQL (production) or SQLite (the
 //! embedded default, one file). `tally report` sums the store's 15-minute roll-ups
-//! into hours, days or months of any IANA time zone.
+//! into hours, days or months of any IANA time zone. `tally statement` ([`statement`])
+//! writes a partner's monthly revenue-share statement from the rows, reproducible from
+//! the offsets it names; `tally export` ([`export`], [`mapping`]) writes the hourly
+//! marketplace request files and keeps their ledger in the store.
 //!
 //! # Exactly once into the store
 //!
@@ -47,7 +50,10 @@
 //! offset is a multiple of 15 minutes: any zone's hours, days and months are exact
 //! sums of buckets ([`report`]). Amounts are sums of per-row rounded micro-units.
 
+mod db;
 pub mod error;
+pub mod export;
+pub mod mapping;
 pub mod metrics;
 mod pg;
 pub mod report;
@@ -55,6 +61,7 @@ pub mod rows;
 pub mod run;
 mod schema;
 mod sqlite;
+pub mod statement;
 pub mod store;
 
 pub use error::SinkError;

@@ -17,9 +17,14 @@
 //!   partner (empty for none), region, row kind, currency): rows, events, the four token
 //!   sums, gross and net micro-units.
 //! - `tally_rollup_share_15m`: the same key plus the beneficiary: share micro-units.
+//! - `tally_export_*` (migration 2, see `crate::export`): per marketplace the hours
+//!   exported or overdue, the measure accounted per (customer, dimension, usage hour),
+//!   the carry per (customer, dimension), usage carried into a later hour, and the
+//!   ledger per (customer, dimension, hour): quantity and `written` → `delivered` |
+//!   `rejected`.
 
 /// Migrations in order; the index + 1 is the version recorded in `tally_migrations`.
-pub(crate) const MIGRATIONS: &[&str] = &[V1];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2_EXPORTS];
 
 const V1: &str = r"
 CREATE TABLE tally_rows (
@@ -100,6 +105,55 @@ CREATE TABLE tally_rollup_share_15m (
     beneficiary TEXT NOT NULL,
     amount_micros {INT} NOT NULL,
     PRIMARY KEY (bucket_start_ms, tenant_id, model, cloud, channel_partner, region, row_kind, currency, beneficiary)
+){STRICT};
+";
+
+/// Marketplace exports: written in one transaction per `tally export` run.
+const V2_EXPORTS: &str = r"
+CREATE TABLE tally_export_hours (
+    marketplace TEXT NOT NULL,
+    hour_start_ms {INT} NOT NULL,
+    status TEXT NOT NULL,
+    carried_into_ms {INT} NOT NULL,
+    PRIMARY KEY (marketplace, hour_start_ms)
+){STRICT};
+CREATE TABLE tally_export_accounted (
+    marketplace TEXT NOT NULL,
+    customer TEXT NOT NULL,
+    dimension TEXT NOT NULL,
+    usage_hour_ms {INT} NOT NULL,
+    amount {INT} NOT NULL,
+    PRIMARY KEY (marketplace, customer, dimension, usage_hour_ms)
+){STRICT};
+CREATE TABLE tally_export_carry (
+    marketplace TEXT NOT NULL,
+    customer TEXT NOT NULL,
+    dimension TEXT NOT NULL,
+    unit_size {INT} NOT NULL,
+    amount_total {INT} NOT NULL,
+    exported_units {INT} NOT NULL,
+    PRIMARY KEY (marketplace, customer, dimension)
+){STRICT};
+CREATE TABLE tally_export_late (
+    marketplace TEXT NOT NULL,
+    hour_start_ms {INT} NOT NULL,
+    customer TEXT NOT NULL,
+    dimension TEXT NOT NULL,
+    usage_hour_ms {INT} NOT NULL,
+    amount {INT} NOT NULL,
+    PRIMARY KEY (marketplace, hour_start_ms, customer, dimension, usage_hour_ms)
+){STRICT};
+CREATE TABLE tally_export_ledger (
+    marketplace TEXT NOT NULL,
+    customer TEXT NOT NULL,
+    dimension TEXT NOT NULL,
+    hour_start_ms {INT} NOT NULL,
+    plan TEXT NOT NULL,
+    quantity {INT} NOT NULL,
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    updated_at_ms {INT} NOT NULL,
+    PRIMARY KEY (marketplace, customer, dimension, hour_start_ms)
 ){STRICT};
 ";
 
