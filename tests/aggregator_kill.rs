@@ -271,7 +271,13 @@ fn restore_cost(probe: &OffsetProbe) -> RestoreCost {
 
 /// SIGKILLs the aggregator `plan.kills` times, restarting it with the same instance id.
 /// Odd kills run with the long commit interval, even ones with the short one; one kill
-/// in four is blind (see [`KillReport`]).
+/// in four is blind (see [`KillReport`]); the first two never are.
+///
+/// Kills are placed by committed progress, never by time alone, so a slow machine
+/// shifts them in time but not along the input: kill `k` of `n` waits until the
+/// committed offsets reach `(k + 1) / (n + 2)` of the input (at least 5 000 past
+/// where it started), then lands after a random delay. The restores therefore see
+/// histories spread evenly over the input, early and late, whatever the speed.
 fn kill_loop(deployment: &Deployment, plan: &KillPlan, total_offsets: i64) -> KillReport {
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let probe = OffsetProbe::new(
@@ -297,7 +303,12 @@ fn kill_loop(deployment: &Deployment, plan: &KillPlan, total_offsets: i64) -> Ki
             .filter(|entry| entry.is_some())
             .count();
         let mut process = deployment.spawn(interval, false);
-        let blind = rng.random_range(0..4) == 0;
+        let blind = rng.random_range(0..4) == 0 && kill >= 2;
+        let target = progress_target(kill, plan.kills, total_offsets).max(before + 5_000);
+        let progressed = || {
+            let committed = probe.sum();
+            committed >= total_offsets || committed >= target
+        };
         let started = Instant::now();
         let wait_for = |done: &dyn Fn() -> bool, process: &mut AggregatorProcess, what: &str| {
             while !done() {
@@ -325,16 +336,10 @@ fn kill_loop(deployment: &Deployment, plan: &KillPlan, total_offsets: i64) -> Ki
                 })
             };
             wait_for(&assigned, &mut process, "assignment");
+            wait_for(&progressed, &mut process, "committed progress");
             rng.random_range(500..4_500)
         } else {
             report.kills_after_progress += 1;
-            // A bounded amount of progress, not a time: a faster aggregator must not
-            // finish the input within the first few kills.
-            let target = before + rng.random_range(10_000..60_000);
-            let progressed = || {
-                let committed = probe.sum();
-                committed >= total_offsets || committed >= target
-            };
             wait_for(&progressed, &mut process, "committed progress");
             rng.random_range(0..200)
         };
@@ -367,6 +372,14 @@ fn kill_loop(deployment: &Deployment, plan: &KillPlan, total_offsets: i64) -> Ki
         );
     }
     report
+}
+
+/// Where kill `kill` of `kills` lands along the input: `(kill + 1) / (kills + 2)` of
+/// its offsets.
+fn progress_target(kill: usize, kills: usize, total_offsets: i64) -> i64 {
+    let share = i64::try_from(kill + 1).expect("few kills");
+    let parts = i64::try_from(kills + 2).expect("few kills");
+    total_offsets * share / parts
 }
 
 /// Total offsets of the input a group commits at the end: records plus one gateway tick
