@@ -6,6 +6,9 @@
 //! the billing store), `report` (totals from the store in any time zone), `config check`
 //! (validate the configuration and its contracts; with `--topics`, the existing topics
 //! too).
+//!
+//! Exit codes: 0 on success; 78 when the Kafka cluster refused the credentials or the
+//! TLS handshake (see `kafka.rs`); 1 for any other error.
 
 mod aggregate;
 mod kafka;
@@ -65,6 +68,23 @@ enum Command {
     },
 }
 
+impl Command {
+    /// Whether the command connects to Kafka (and so first checks that the cluster
+    /// accepts its credentials).
+    fn uses_kafka(&self) -> bool {
+        match self {
+            Command::Topics { .. }
+            | Command::Aggregate(_)
+            | Command::Produce(_)
+            | Command::Sink(_) => true,
+            Command::Config {
+                action: ConfigAction::Check { topics },
+            } => *topics,
+            Command::Report(_) => false,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum TopicsAction {
     /// Create missing topics; check existing ones against the config (never alter them).
@@ -103,13 +123,20 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!(error = format!("{err:#}"), "tally failed");
-            ExitCode::FAILURE
+            if kafka::is_authentication_error(&err) {
+                ExitCode::from(kafka::EXIT_KAFKA_AUTHENTICATION)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = settings::load(cli.config.as_deref())?;
+    if cli.command.uses_kafka() {
+        kafka::check_authentication(&config).await?;
+    }
     match cli.command {
         Command::Config {
             action: ConfigAction::Check { topics },

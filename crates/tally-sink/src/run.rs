@@ -20,6 +20,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tally_aggregator::kafka::{client_config, default_fetch_backoff, is_authentication_failure};
 use tally_core::codec::decode_aggregate;
 use tally_core::config::Config;
 use tracing::{debug, error, info, warn};
@@ -355,16 +356,12 @@ fn kind(location: &StoreLocation) -> &'static str {
     }
 }
 
+/// The sink's consumer: the shared client config ([`client_config`]: `kafka.client`,
+/// the password of `kafka.sasl_password_file`, `bootstrap.servers`), then the settings
+/// the sink needs for correctness, which the pass-through map cannot weaken.
 fn consumer_config(settings: &SinkSettings) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    for (key, value) in &settings.config.kafka.client {
-        config.set(key, value);
-    }
+    let mut config = client_config(&settings.config.kafka);
     config
-        .set(
-            "bootstrap.servers",
-            &settings.config.kafka.bootstrap_servers,
-        )
         .set("group.id", &settings.group_id)
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
@@ -373,9 +370,7 @@ fn consumer_config(settings: &SinkSettings) -> ClientConfig {
         .set("partition.assignment.strategy", "range")
         .set("group.protocol", "classic")
         .set("enable.partition.eof", "true");
-    if config.get("fetch.queue.backoff.ms").is_none() {
-        config.set("fetch.queue.backoff.ms", "10");
-    }
+    default_fetch_backoff(&mut config);
     config
 }
 
@@ -420,6 +415,13 @@ impl Loop<'_> {
                 Some(Err(KafkaError::PartitionEOF(partition))) => {
                     self.at_end.insert(partition, true);
                     self.last_activity = Instant::now();
+                }
+                Some(Err(error)) if is_authentication_failure(&error) => {
+                    // librdkafka would retry a refused login forever; no retry fixes it.
+                    return Err(SinkError::Kafka {
+                        operation: "authenticate",
+                        source: error,
+                    });
                 }
                 Some(Err(error)) => warn!(error = %error, "consumer error"),
                 None => {}
