@@ -50,3 +50,29 @@ pub(crate) fn is_authentication_error(error: &anyhow::Error) -> bool {
             .is_some_and(is_authentication_failure)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::RDKafkaErrorCode;
+
+    use super::*;
+
+    #[test]
+    fn authentication_errors_are_found_anywhere_in_the_chain() {
+        let checked = anyhow::Error::new(KafkaCheckError::Authentication {
+            bootstrap_servers: "127.0.0.1:9093".to_owned(),
+            reason: "invalid credentials".to_owned(),
+            source: Box::new(KafkaError::Global(RDKafkaErrorCode::Authentication)),
+        });
+        assert!(is_authentication_error(&checked));
+
+        let later = anyhow::Error::new(KafkaError::MessageConsumption(RDKafkaErrorCode::SSL))
+            .context("sink failed");
+        assert!(is_authentication_error(&later));
+
+        let unreachable = anyhow::Error::new(KafkaError::Global(RDKafkaErrorCode::AllBrokersDown))
+            .context("sink failed");
+        assert!(!is_authentication_error(&unreachable));
+        assert!(!is_authentication_error(&anyhow::anyhow!("config invalid")));
+    }
+}

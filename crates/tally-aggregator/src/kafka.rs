@@ -442,6 +442,31 @@ mod tests {
     }
 
     #[test]
+    fn refused_logins_and_tls_failures_are_authentication_failures_and_nothing_else() {
+        for code in [
+            RDKafkaErrorCode::Authentication,
+            RDKafkaErrorCode::SaslAuthenticationFailed,
+            RDKafkaErrorCode::SSL,
+        ] {
+            assert!(is_authentication_failure(&KafkaError::Global(code)));
+            assert!(is_authentication_failure(&KafkaError::MessageConsumption(
+                code
+            )));
+        }
+        for code in [
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::OperationTimedOut,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::Fatal,
+            RDKafkaErrorCode::PartitionEOF,
+        ] {
+            assert!(!is_authentication_failure(&KafkaError::Global(code)));
+        }
+        assert!(!is_authentication_failure(&KafkaError::PartitionEOF(1)));
+    }
+
+    #[test]
     fn broker_connection_failures_and_transaction_errors_log_as_warnings() {
         use tracing::Level;
         // librdkafka logs a refused or dropped broker connection as FAIL at LOG_ERR.
