@@ -27,8 +27,9 @@ use support::{default_contracts_path, rand_name};
 
 /// The exit code of a command whose Kafka login or TLS handshake was refused.
 const EXIT_KAFKA_AUTHENTICATION: i32 = 78;
-/// How soon a refused login must stop a command (one connection attempt takes about
-/// a second; librdkafka alone would retry forever).
+/// How soon a refused login must stop a command: one connection attempt and the
+/// check's 2 s of grace take about 4 s (8 s with all eight commands starting at once
+/// on a loaded 2-core machine); librdkafka alone would retry forever.
 const FAIL_FAST: Duration = Duration::from_secs(15);
 /// Bound of each step of the happy path.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);

@@ -24,10 +24,13 @@
 //! `message.timeout.ms`, an admin request times out. No retry fixes a wrong password
 //! or certificate, so tally stops instead:
 //! - every command that talks to Kafka first runs [`check_authentication`], which
-//!   returns [`KafkaCheckError::Authentication`] as soon as the cluster refuses the
-//!   first login (about one connection attempt; bounded by its timeout);
+//!   returns [`KafkaCheckError::Authentication`] once the cluster refused a login and
+//!   no connection got through for [`AUTHENTICATION_GRACE`] (about 3 s in all);
 //! - the aggregator's and the sink's consumers stop when `poll` reports such an error
-//!   later ([`is_authentication_failure`]), e.g. after a password rotation.
+//!   later ([`is_authentication_failure`]), e.g. after a password rotation. librdkafka
+//!   also reports a broker that drops a connection in the middle of its SASL handshake
+//!   this way, so a broker restarting at that moment can stop a process too; the
+//!   process is exactly-once and resumes from its committed state when restarted.
 //!
 //! The binary exits with its own exit code for these errors, so supervisors and tests
 //! tell them from other failures without reading logs.
@@ -107,8 +110,18 @@ pub enum KafkaReachability {
     NoAnswer,
 }
 
+/// How long [`check_authentication`] keeps trying after the first refused login
+/// before it calls the credentials wrong. librdkafka also reports a broker that drops
+/// the connection in the middle of the SASL handshake (e.g. while it restarts) as an
+/// authentication failure; a later connection that gets through within this time
+/// shows the failure was not the credentials'. (librdkafka reports an identical
+/// failure of the same broker only once per 30 s, so waiting for a second report
+/// would take that long.)
+pub const AUTHENTICATION_GRACE: Duration = Duration::from_secs(2);
+
 /// Connects to the cluster with the shared client config and waits, at most
-/// `timeout`, for the first metadata answer or the first authentication failure.
+/// `timeout`, for the first metadata answer or a lasting authentication failure
+/// (one not followed by a successful connection within [`AUTHENTICATION_GRACE`]).
 /// Blocking: call it off the async workers.
 pub fn check_authentication(
     kafka: &KafkaConfig,
@@ -122,21 +135,31 @@ pub fn check_authentication(
         })
         .map_err(|error| KafkaCheckError::Client(Box::new(error)))?;
     let deadline = Instant::now() + timeout;
+    let mut refused: Option<(Instant, KafkaError, String)> = None;
     loop {
         let answered = producer.client().fetch_metadata(None, STEP).is_ok();
         // Serves the error events queued meanwhile (the probe's callback records them).
         producer.poll(Duration::ZERO);
         if let Some((source, reason)) = producer.context().take_failure() {
+            refused.get_or_insert((Instant::now(), source, reason));
+        }
+        if answered {
+            return Ok(KafkaReachability::Connected);
+        }
+        let now = Instant::now();
+        let lasting = refused
+            .as_ref()
+            .is_some_and(|(since, _, _)| now.duration_since(*since) >= AUTHENTICATION_GRACE);
+        if (lasting || now >= deadline)
+            && let Some((_, source, reason)) = refused
+        {
             return Err(KafkaCheckError::Authentication {
                 bootstrap_servers: kafka.bootstrap_servers.clone(),
                 reason,
                 source: Box::new(source),
             });
         }
-        if answered {
-            return Ok(KafkaReachability::Connected);
-        }
-        if Instant::now() >= deadline {
+        if now >= deadline {
             warn!(
                 bootstrap_servers = %kafka.bootstrap_servers,
                 timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
@@ -144,7 +167,7 @@ pub fn check_authentication(
             );
             return Ok(KafkaReachability::NoAnswer);
         }
-        std::thread::sleep(STEP.min(deadline.saturating_duration_since(Instant::now())));
+        std::thread::sleep(STEP.min(deadline.saturating_duration_since(now)));
     }
 }
 
