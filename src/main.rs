@@ -7,6 +7,9 @@
 //! (validate the configuration and its contracts; with `--topics`, the existing topics
 //! too), `statement` (a partner's monthly revenue-share statement), `export` and `export
 //! ack` (marketplace usage files and their ledger).
+//!
+//! Exit codes: 0 on success; 78 when the Kafka cluster refused the credentials or the
+//! TLS handshake (see `kafka.rs`); 1 for any other error.
 
 mod aggregate;
 mod kafka;
@@ -72,6 +75,27 @@ enum Command {
     },
 }
 
+impl Command {
+    /// Whether the command connects to the configured Kafka cluster (and so first
+    /// checks that it accepts the credentials). A command not listed here (the report
+    /// reads only the store) skips the check; list a new command that talks to Kafka.
+    fn uses_kafka(&self) -> bool {
+        match self {
+            Command::Topics { .. }
+            | Command::Aggregate(_)
+            | Command::Produce(_)
+            | Command::Sink(_) => true,
+            Command::Config {
+                action: ConfigAction::Check { topics },
+            } => *topics,
+            Command::Export(command) => {
+                command.action.is_none() && !command.run.skip_kafka_check
+            }
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct ExportCommand {
@@ -125,13 +149,20 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!(error = format!("{err:#}"), "tally failed");
-            ExitCode::FAILURE
+            if kafka::is_authentication_error(&err) {
+                ExitCode::from(kafka::EXIT_KAFKA_AUTHENTICATION)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = settings::load(cli.config.as_deref())?;
+    if cli.command.uses_kafka() {
+        kafka::check_authentication(&config).await?;
+    }
     match cli.command {
         Command::Config {
             action: ConfigAction::Check { topics },

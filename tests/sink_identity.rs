@@ -104,11 +104,11 @@ fn settings(topic: &str, database: &str) -> SinkSettings {
     config.topics.billing_aggregates = topic.to_owned();
     let args = SinkArgs {
         database: database.to_owned(),
-        group_id: rand_name("sink-identity"),
-        batch_max_rows: 100,
-        batch_max_age_ms: 100,
-        db_timeout_ms: 5_000,
-        retry_max_backoff_ms: 1_000,
+        group_id: Some(rand_name("sink-identity")),
+        batch_max_rows: Some(100),
+        batch_max_age_ms: Some(100),
+        db_timeout_ms: Some(5_000),
+        retry_max_backoff_ms: Some(1_000),
         exit_after_idle_ms: Some(800),
     };
     SinkSettings::from_args(config, &args).expect("valid settings")

@@ -13,7 +13,8 @@
 #   TALLY_TEST_THREADS=N  export RUST_TEST_THREADS=N for cargo test
 #   TALLY_RUN_DIR         where services record themselves (default: a fresh temp dir)
 #   TALLY_CACHE_DIR       Kafka jar cache (default ~/.cache/tally), see kafka.sh
-# Exported to the tests: TALLY_TEST_BOOTSTRAP, TALLY_TEST_PG_URL.
+# Exported to the tests: TALLY_TEST_BOOTSTRAP, TALLY_TEST_PG_URL, and the SASL_SSL
+# listener's TALLY_TEST_SASL_BOOTSTRAP, _USER, _PASSWORD_FILE, _CA.
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -212,6 +213,13 @@ TALLY_TEST_PG_URL="$(env_value "$TALLY_RUN_DIR/postgres.env" TALLY_TEST_PG_URL)"
 [[ -n $TALLY_TEST_BOOTSTRAP && -n $TALLY_TEST_PG_URL ]] ||
   die "the services did not record their addresses"
 export TALLY_TEST_BOOTSTRAP TALLY_TEST_PG_URL
+# The broker's SASL_SSL listener (tests/kafka_sasl.rs).
+for key in TALLY_TEST_SASL_BOOTSTRAP TALLY_TEST_SASL_USER TALLY_TEST_SASL_PASSWORD_FILE \
+  TALLY_TEST_SASL_CA; do
+  value="$(env_value "$TALLY_RUN_DIR/kafka.env" "$key")"
+  [[ -n $value ]] || die "kafka.sh did not record $key"
+  export "$key=$value"
+done
 echo
 echo "TALLY_TEST_BOOTSTRAP=$TALLY_TEST_BOOTSTRAP"
 echo "TALLY_TEST_PG_URL=$TALLY_TEST_PG_URL"

@@ -15,14 +15,35 @@
 //!
 //! Settings tally needs for correctness override the pass-through map; the fetch
 //! back-off is only a default ([`default_fetch_backoff`]).
+//!
+//! # Authentication failures
+//! librdkafka retries a refused SASL login or a failed TLS handshake forever, like any
+//! broker connection failure: it reports each attempt to the client's error callback
+//! (code `Authentication` or `SSL`) and nothing else happens — a transactional
+//! producer's `init_transactions` just times out, a producer's messages wait for
+//! `message.timeout.ms`, an admin request times out. No retry fixes a wrong password
+//! or certificate, so tally stops instead:
+//! - every command that talks to Kafka first runs [`check_authentication`], which
+//!   returns [`KafkaCheckError::Authentication`] once the cluster refused a login and
+//!   no connection got through for [`AUTHENTICATION_GRACE`] (about 3 s in all);
+//! - the aggregator's and the sink's consumers stop when `poll` reports such an error
+//!   later ([`is_authentication_failure`]), e.g. after a password rotation. librdkafka
+//!   also reports a broker that drops a connection in the middle of its SASL handshake
+//!   this way, so a broker restarting at that moment can stop a process too; the
+//!   process is exactly-once and resumes from its committed state when restarted.
+//!
+//! The binary exits with its own exit code for these errors, so supervisors and tests
+//! tell them from other failures without reading logs.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use tally_core::config::{KafkaConfig, SIDE_TOPIC_EXTRA_BYTES};
 use tracing::{debug, error, info, warn};
 
@@ -37,6 +58,150 @@ pub fn client_config(kafka: &KafkaConfig) -> ClientConfig {
     }
     config.set("bootstrap.servers", &kafka.bootstrap_servers);
     config
+}
+
+/// Whether a client error means the cluster refused tally's credentials or the TLS
+/// handshake failed: a refused SASL login (librdkafka's `Authentication`, the broker's
+/// `SaslAuthenticationFailed`) or a TLS failure (`SSL`: an unknown CA, a host name
+/// that does not match the certificate). librdkafka retries these forever; tally
+/// stops (see the module docs).
+pub fn is_authentication_failure(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::SSL
+        )
+    )
+}
+
+/// Why [`check_authentication`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaCheckError {
+    /// The client could not be created (an invalid `kafka.client` setting, an
+    /// unreadable `ssl.ca.location`, ...).
+    #[error("cannot create a kafka client from the kafka config")]
+    Client(#[source] Box<KafkaError>),
+    /// The cluster refused the login, or the TLS handshake failed.
+    #[error(
+        "kafka at {bootstrap_servers} refused the connection's credentials or TLS handshake \
+         ({reason}); check kafka.client's security.protocol, sasl.* and ssl.* settings and \
+         kafka.sasl_password_file"
+    )]
+    Authentication {
+        /// `kafka.bootstrap_servers`.
+        bootstrap_servers: String,
+        /// librdkafka's description of the failure.
+        reason: String,
+        /// librdkafka's error (code `Authentication`, `SaslAuthenticationFailed` or `SSL`).
+        #[source]
+        source: Box<KafkaError>,
+    },
+}
+
+/// What [`check_authentication`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaReachability {
+    /// A broker answered a metadata request: the connection and its login work.
+    Connected,
+    /// No broker answered within the timeout, and none refused the login. The
+    /// command goes on and its own timeouts and retries apply, as without the check.
+    NoAnswer,
+}
+
+/// How long [`check_authentication`] keeps trying after the first refused login
+/// before it calls the credentials wrong. librdkafka also reports a broker that drops
+/// the connection in the middle of the SASL handshake (e.g. while it restarts) as an
+/// authentication failure; a later connection that gets through within this time
+/// shows the failure was not the credentials'. (librdkafka reports an identical
+/// failure of the same broker only once per 30 s, so waiting for a second report
+/// would take that long.)
+pub const AUTHENTICATION_GRACE: Duration = Duration::from_secs(2);
+
+/// Connects to the cluster with the shared client config and waits, at most
+/// `timeout`, for the first metadata answer or a lasting authentication failure
+/// (one not followed by a successful connection within [`AUTHENTICATION_GRACE`]).
+/// Blocking: call it off the async workers.
+pub fn check_authentication(
+    kafka: &KafkaConfig,
+    timeout: Duration,
+) -> Result<KafkaReachability, KafkaCheckError> {
+    /// Bound of one metadata request; the error callback is served between them.
+    const STEP: Duration = Duration::from_millis(250);
+    let producer: BaseProducer<AuthenticationProbe> = client_config(kafka)
+        .create_with_context(AuthenticationProbe {
+            failure: Mutex::new(None),
+        })
+        .map_err(|error| KafkaCheckError::Client(Box::new(error)))?;
+    let deadline = Instant::now() + timeout;
+    let mut refused: Option<(Instant, KafkaError, String)> = None;
+    loop {
+        let answered = producer.client().fetch_metadata(None, STEP).is_ok();
+        // Serves the error events queued meanwhile (the probe's callback records them).
+        producer.poll(Duration::ZERO);
+        if let Some((source, reason)) = producer.context().take_failure() {
+            refused.get_or_insert((Instant::now(), source, reason));
+        }
+        if answered {
+            return Ok(KafkaReachability::Connected);
+        }
+        let now = Instant::now();
+        let lasting = refused
+            .as_ref()
+            .is_some_and(|(since, _, _)| now.duration_since(*since) >= AUTHENTICATION_GRACE);
+        if (lasting || now >= deadline)
+            && let Some((_, source, reason)) = refused
+        {
+            return Err(KafkaCheckError::Authentication {
+                bootstrap_servers: kafka.bootstrap_servers.clone(),
+                reason,
+                source: Box::new(source),
+            });
+        }
+        if now >= deadline {
+            warn!(
+                bootstrap_servers = %kafka.bootstrap_servers,
+                timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                "no kafka broker answered yet"
+            );
+            return Ok(KafkaReachability::NoAnswer);
+        }
+        std::thread::sleep(STEP.min(deadline.saturating_duration_since(now)));
+    }
+}
+
+/// The context of [`check_authentication`]'s client: records the first
+/// authentication failure.
+struct AuthenticationProbe {
+    failure: Mutex<Option<(KafkaError, String)>>,
+}
+
+impl AuthenticationProbe {
+    fn take_failure(&self) -> Option<(KafkaError, String)> {
+        self.failure.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
+impl ClientContext for AuthenticationProbe {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_librdkafka("connection check", level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error("connection check", &error, reason);
+        if is_authentication_failure(&error)
+            && let Ok(mut slot) = self.failure.lock()
+        {
+            slot.get_or_insert((error, reason.to_owned()));
+        }
+    }
+}
+
+impl ProducerContext for AuthenticationProbe {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _result: &DeliveryResult<'_>, _opaque: ()) {}
 }
 
 /// The aggregator's transactional producer.
@@ -98,7 +263,7 @@ pub(crate) fn restore_config(settings: &AggregatorSettings) -> ClientConfig {
 /// this long (default 1 s) before fetching it again; a consumer that drains its queue
 /// within that second then sits idle. `benches/e2e_throughput.rs` measured 117 k events/s
 /// with the default and 315 k with 10 ms.
-pub(crate) fn default_fetch_backoff(config: &mut ClientConfig) {
+pub fn default_fetch_backoff(config: &mut ClientConfig) {
     if config.get("fetch.queue.backoff.ms").is_none() {
         config.set("fetch.queue.backoff.ms", "10");
     }
@@ -297,6 +462,31 @@ mod tests {
             client_error_level(&KafkaError::Global(RDKafkaErrorCode::Authentication)),
             ClientErrorLevel::Misconfigured
         );
+    }
+
+    #[test]
+    fn refused_logins_and_tls_failures_are_authentication_failures_and_nothing_else() {
+        for code in [
+            RDKafkaErrorCode::Authentication,
+            RDKafkaErrorCode::SaslAuthenticationFailed,
+            RDKafkaErrorCode::SSL,
+        ] {
+            assert!(is_authentication_failure(&KafkaError::Global(code)));
+            assert!(is_authentication_failure(&KafkaError::MessageConsumption(
+                code
+            )));
+        }
+        for code in [
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::OperationTimedOut,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::Fatal,
+            RDKafkaErrorCode::PartitionEOF,
+        ] {
+            assert!(!is_authentication_failure(&KafkaError::Global(code)));
+        }
+        assert!(!is_authentication_failure(&KafkaError::PartitionEOF(1)));
     }
 
     #[test]

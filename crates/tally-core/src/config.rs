@@ -34,6 +34,9 @@ pub struct Config {
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// `tally sink`: its consumer group and batches (its flags override these).
+    #[serde(default)]
+    pub sink: SinkConfig,
 }
 
 /// Kafka client settings.
@@ -446,6 +449,109 @@ impl Default for MetricsConfig {
     }
 }
 
+/// `tally sink`'s settings. Each has a flag of the same name that overrides it
+/// (`--batch-max-rows` over `sink.batch_max_rows`, ...). The store itself
+/// (`--database` / `TALLY_SINK_DATABASE`) is not here: its URL may hold a password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Consumer group of the sink instances. Kafka only balances the partitions with
+    /// it; the offsets live in the store.
+    #[serde(default = "default_sink_group_id")]
+    pub group_id: String,
+    /// A batch is written once it holds this many rows (1 to 1 000 000)...
+    #[serde(default = "default_sink_batch_max_rows")]
+    pub batch_max_rows: usize,
+    /// ...or once its oldest row waited this long, ms (positive). Rows reach the
+    /// store within about this plus one transaction at low traffic.
+    #[serde(default = "default_sink_batch_max_age_ms")]
+    pub batch_max_age_ms: u64,
+    /// Bound of every database round trip, ms (at least 100); a slower answer counts
+    /// as an outage and the batch is retried.
+    #[serde(default = "default_sink_db_timeout_ms")]
+    pub db_timeout_ms: u64,
+    /// Cap of the doubling back-off between retries of a batch, ms (at least 100).
+    #[serde(default = "default_sink_retry_max_backoff_ms")]
+    pub retry_max_backoff_ms: u64,
+}
+
+fn default_sink_group_id() -> String {
+    "tally-sink".to_owned()
+}
+/// Large enough for throughput (the store benchmark writes batches of 5 000), small
+/// enough that one transaction stays short.
+const fn default_sink_batch_max_rows() -> usize {
+    5_000
+}
+/// Rows reach the store within about 2 s at low traffic.
+const fn default_sink_batch_max_age_ms() -> u64 {
+    1_000
+}
+/// Well above a healthy batch's transaction; below the consumer's poll interval.
+const fn default_sink_db_timeout_ms() -> u64 {
+    10_000
+}
+/// A recovering database is retried at least every 5 s.
+const fn default_sink_retry_max_backoff_ms() -> u64 {
+    5_000
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            group_id: default_sink_group_id(),
+            batch_max_rows: default_sink_batch_max_rows(),
+            batch_max_age_ms: default_sink_batch_max_age_ms(),
+            db_timeout_ms: default_sink_db_timeout_ms(),
+            retry_max_backoff_ms: default_sink_retry_max_backoff_ms(),
+        }
+    }
+}
+
+impl SinkConfig {
+    /// Checks the fields; `name` turns a field name (`batch_max_rows`) into how the
+    /// user set it (`sink.batch_max_rows`, or a flag), so errors name the source.
+    pub fn validate_named(
+        &self,
+        name: impl Fn(&'static str) -> &'static str,
+    ) -> Result<(), ConfigError> {
+        if self.group_id.trim().is_empty() {
+            return Err(invalid(name("group_id"), "must not be empty"));
+        }
+        if self.batch_max_rows == 0 || self.batch_max_rows > 1_000_000 {
+            return Err(invalid(
+                name("batch_max_rows"),
+                "must be between 1 and 1000000",
+            ));
+        }
+        if self.batch_max_age_ms == 0 {
+            return Err(invalid(name("batch_max_age_ms"), "must be positive"));
+        }
+        if self.db_timeout_ms < 100 {
+            return Err(invalid(name("db_timeout_ms"), "must be at least 100"));
+        }
+        if self.retry_max_backoff_ms < 100 {
+            return Err(invalid(
+                name("retry_max_backoff_ms"),
+                "must be at least 100",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The config file's name of a [`SinkConfig`] field.
+fn sink_field(field: &'static str) -> &'static str {
+    match field {
+        "group_id" => "sink.group_id",
+        "batch_max_rows" => "sink.batch_max_rows",
+        "batch_max_age_ms" => "sink.batch_max_age_ms",
+        "db_timeout_ms" => "sink.db_timeout_ms",
+        "retry_max_backoff_ms" => "sink.retry_max_backoff_ms",
+        _ => "sink",
+    }
+}
+
 /// A configuration value that cannot work, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid config field `{field}`: {problem}")]
@@ -616,6 +722,7 @@ impl Config {
                 "must not be negative",
             ));
         }
+        self.sink.validate_named(sink_field)?;
         Ok(())
     }
 
@@ -734,6 +841,31 @@ impl Config {
 mod tests {
     use super::*;
     use crate::aggregate::{BillingAggregate, Dims, PartnerShare, RowKind};
+
+    #[test]
+    fn sink_section_parses_and_its_impossible_values_name_the_field() {
+        let config: Config =
+            toml::from_str("[sink]\nbatch_max_rows = 12\ngroup_id = \"s\"\n").expect("parses");
+        assert_eq!(config.sink.batch_max_rows, 12);
+        assert_eq!(config.sink.group_id, "s");
+        assert_eq!(config.sink.db_timeout_ms, 10_000);
+        assert!(toml::from_str::<Config>("[sink]\nbatch_rows = 12\n").is_err());
+        type Spoil = fn(&mut SinkConfig);
+        let cases: [(&str, Spoil); 5] = [
+            ("sink.group_id", |sink| sink.group_id = " ".to_owned()),
+            ("sink.batch_max_rows", |sink| sink.batch_max_rows = 0),
+            ("sink.batch_max_age_ms", |sink| sink.batch_max_age_ms = 0),
+            ("sink.db_timeout_ms", |sink| sink.db_timeout_ms = 99),
+            ("sink.retry_max_backoff_ms", |sink| {
+                sink.retry_max_backoff_ms = 0;
+            }),
+        ];
+        for (field, spoil) in cases {
+            let mut config = Config::default();
+            spoil(&mut config.sink);
+            assert_eq!(config.validate().map_err(|error| error.field), Err(field));
+        }
+    }
     use crate::codec::{decode_aggregate, encode_aggregate};
     use crate::event::{Cloud, TokenCounts};
     use crate::window::WindowSize;

@@ -20,8 +20,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tally_aggregator::kafka::{client_config, default_fetch_backoff, is_authentication_failure};
 use tally_core::codec::decode_aggregate;
-use tally_core::config::Config;
+use tally_core::config::{Config, SinkConfig};
 use tracing::{debug, error, info, warn};
 
 use crate::error::{Retry, SinkError};
@@ -51,22 +52,26 @@ pub struct SinkArgs {
     )]
     pub database: String,
     /// Consumer group of the sink instances (Kafka only balances partitions with it;
-    /// offsets live in the store).
-    #[arg(long, default_value = "tally-sink")]
-    pub group_id: String,
-    /// A batch is written once it holds this many rows...
-    #[arg(long, default_value_t = 5_000)]
-    pub batch_max_rows: usize,
+    /// offsets live in the store). Default: the config's `sink.group_id` (tally-sink).
+    #[arg(long)]
+    pub group_id: Option<String>,
+    /// A batch is written once it holds this many rows... Default: the config's
+    /// `sink.batch_max_rows` (5000).
+    #[arg(long)]
+    pub batch_max_rows: Option<usize>,
     /// ...or once its oldest row waited this long (rows reach the store within about
-    /// this plus one transaction at low traffic).
-    #[arg(long, default_value_t = 1_000)]
-    pub batch_max_age_ms: u64,
+    /// this plus one transaction at low traffic). Default: the config's
+    /// `sink.batch_max_age_ms` (1000).
+    #[arg(long)]
+    pub batch_max_age_ms: Option<u64>,
     /// Bound of every database round trip, ms; a slower answer counts as an outage.
-    #[arg(long, default_value_t = 10_000)]
-    pub db_timeout_ms: u64,
-    /// Cap of the back-off between retries of a batch, ms.
-    #[arg(long, default_value_t = 5_000)]
-    pub retry_max_backoff_ms: u64,
+    /// Default: the config's `sink.db_timeout_ms` (10000).
+    #[arg(long)]
+    pub db_timeout_ms: Option<u64>,
+    /// Cap of the back-off between retries of a batch, ms. Default: the config's
+    /// `sink.retry_max_backoff_ms` (5000).
+    #[arg(long)]
+    pub retry_max_backoff_ms: Option<u64>,
     /// Exit 0 once every assigned partition has been at its end, with nothing left to
     /// write, for this long (for tests and batch catch-up).
     #[arg(long)]
@@ -95,36 +100,64 @@ pub struct SinkSettings {
 }
 
 impl SinkSettings {
-    /// Validates `args`; errors name the flag.
+    /// The config's `[sink]` section with the flags of `args` over it, validated;
+    /// errors name the flag, or the config field when no flag was given.
     pub fn from_args(config: Config, args: &SinkArgs) -> Result<SinkSettings, SinkError> {
         let location = StoreLocation::parse("--database", &args.database)?;
-        let setting = |field: &'static str, problem: &str| SinkError::Setting {
-            field,
-            problem: problem.to_owned(),
+        let defaults = &config.sink;
+        let sink = SinkConfig {
+            group_id: args
+                .group_id
+                .clone()
+                .unwrap_or_else(|| defaults.group_id.clone()),
+            batch_max_rows: args.batch_max_rows.unwrap_or(defaults.batch_max_rows),
+            batch_max_age_ms: args.batch_max_age_ms.unwrap_or(defaults.batch_max_age_ms),
+            db_timeout_ms: args.db_timeout_ms.unwrap_or(defaults.db_timeout_ms),
+            retry_max_backoff_ms: args
+                .retry_max_backoff_ms
+                .unwrap_or(defaults.retry_max_backoff_ms),
         };
-        if args.group_id.is_empty() {
-            return Err(setting("--group-id", "must not be empty"));
-        }
-        if args.batch_max_rows == 0 || args.batch_max_rows > 1_000_000 {
-            return Err(setting("--batch-max-rows", "must be between 1 and 1000000"));
-        }
-        if args.batch_max_age_ms == 0 {
-            return Err(setting("--batch-max-age-ms", "must be positive"));
-        }
-        if args.db_timeout_ms < 100 {
-            return Err(setting("--db-timeout-ms", "must be at least 100"));
-        }
-        if args.retry_max_backoff_ms < 100 {
-            return Err(setting("--retry-max-backoff-ms", "must be at least 100"));
-        }
+        // An error names the flag when one was given, else the config field.
+        let name = |field: &'static str| -> &'static str {
+            let (flag, given, key) = match field {
+                "group_id" => ("--group-id", args.group_id.is_some(), "sink.group_id"),
+                "batch_max_rows" => (
+                    "--batch-max-rows",
+                    args.batch_max_rows.is_some(),
+                    "sink.batch_max_rows",
+                ),
+                "batch_max_age_ms" => (
+                    "--batch-max-age-ms",
+                    args.batch_max_age_ms.is_some(),
+                    "sink.batch_max_age_ms",
+                ),
+                "db_timeout_ms" => (
+                    "--db-timeout-ms",
+                    args.db_timeout_ms.is_some(),
+                    "sink.db_timeout_ms",
+                ),
+                "retry_max_backoff_ms" => (
+                    "--retry-max-backoff-ms",
+                    args.retry_max_backoff_ms.is_some(),
+                    "sink.retry_max_backoff_ms",
+                ),
+                _ => ("sink", false, "sink"),
+            };
+            if given { flag } else { key }
+        };
+        sink.validate_named(name)
+            .map_err(|error| SinkError::Setting {
+                field: error.field,
+                problem: error.problem,
+            })?;
         Ok(SinkSettings {
             config,
             location,
-            group_id: args.group_id.clone(),
-            batch_max_rows: args.batch_max_rows,
-            batch_max_age: Duration::from_millis(args.batch_max_age_ms),
-            db_timeout: Duration::from_millis(args.db_timeout_ms),
-            retry_max_backoff: Duration::from_millis(args.retry_max_backoff_ms),
+            group_id: sink.group_id,
+            batch_max_rows: sink.batch_max_rows,
+            batch_max_age: Duration::from_millis(sink.batch_max_age_ms),
+            db_timeout: Duration::from_millis(sink.db_timeout_ms),
+            retry_max_backoff: Duration::from_millis(sink.retry_max_backoff_ms),
             exit_after_idle: args.exit_after_idle_ms.map(Duration::from_millis),
         })
     }
@@ -355,16 +388,12 @@ fn kind(location: &StoreLocation) -> &'static str {
     }
 }
 
+/// The sink's consumer: the shared client config ([`client_config`]: `kafka.client`,
+/// the password of `kafka.sasl_password_file`, `bootstrap.servers`), then the settings
+/// the sink needs for correctness, which the pass-through map cannot weaken.
 fn consumer_config(settings: &SinkSettings) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    for (key, value) in &settings.config.kafka.client {
-        config.set(key, value);
-    }
+    let mut config = client_config(&settings.config.kafka);
     config
-        .set(
-            "bootstrap.servers",
-            &settings.config.kafka.bootstrap_servers,
-        )
         .set("group.id", &settings.group_id)
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
@@ -373,9 +402,7 @@ fn consumer_config(settings: &SinkSettings) -> ClientConfig {
         .set("partition.assignment.strategy", "range")
         .set("group.protocol", "classic")
         .set("enable.partition.eof", "true");
-    if config.get("fetch.queue.backoff.ms").is_none() {
-        config.set("fetch.queue.backoff.ms", "10");
-    }
+    default_fetch_backoff(&mut config);
     config
 }
 
@@ -420,6 +447,13 @@ impl Loop<'_> {
                 Some(Err(KafkaError::PartitionEOF(partition))) => {
                     self.at_end.insert(partition, true);
                     self.last_activity = Instant::now();
+                }
+                Some(Err(error)) if is_authentication_failure(&error) => {
+                    // librdkafka would retry a refused login forever; no retry fixes it.
+                    return Err(SinkError::Kafka {
+                        operation: "authenticate",
+                        source: error,
+                    });
                 }
                 Some(Err(error)) => warn!(error = %error, "consumer error"),
                 None => {}
@@ -772,4 +806,104 @@ impl Loop<'_> {
 enum BatchState {
     Committed,
     NotCommitted,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(database: &str) -> SinkArgs {
+        SinkArgs {
+            database: database.to_owned(),
+            group_id: None,
+            batch_max_rows: None,
+            batch_max_age_ms: None,
+            db_timeout_ms: None,
+            retry_max_backoff_ms: None,
+            exit_after_idle_ms: None,
+        }
+    }
+
+    fn setting_field(result: Result<SinkSettings, SinkError>) -> &'static str {
+        match result {
+            Err(SinkError::Setting { field, .. }) => field,
+            other => panic!("expected a setting error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sink_section_applies_when_no_flag_is_given() {
+        let mut config = Config::default();
+        config.sink.group_id = "billing-sink".to_owned();
+        config.sink.batch_max_rows = 250;
+        config.sink.batch_max_age_ms = 300;
+        config.sink.db_timeout_ms = 2_000;
+        config.sink.retry_max_backoff_ms = 700;
+        let settings = SinkSettings::from_args(config, &args("sqlite:x.db")).expect("valid");
+        assert_eq!(settings.group_id, "billing-sink");
+        assert_eq!(settings.batch_max_rows, 250);
+        assert_eq!(settings.batch_max_age, Duration::from_millis(300));
+        assert_eq!(settings.db_timeout, Duration::from_millis(2_000));
+        assert_eq!(settings.retry_max_backoff, Duration::from_millis(700));
+    }
+
+    #[test]
+    fn flags_override_the_sink_section() {
+        let mut config = Config::default();
+        config.sink.batch_max_rows = 250;
+        config.sink.group_id = "billing-sink".to_owned();
+        let mut given = args("sqlite:x.db");
+        given.batch_max_rows = Some(40);
+        given.db_timeout_ms = Some(900);
+        let settings = SinkSettings::from_args(config, &given).expect("valid");
+        assert_eq!(settings.batch_max_rows, 40);
+        assert_eq!(settings.db_timeout, Duration::from_millis(900));
+        assert_eq!(settings.group_id, "billing-sink");
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let settings =
+            SinkSettings::from_args(Config::default(), &args("sqlite:x.db")).expect("valid");
+        assert_eq!(settings.group_id, "tally-sink");
+        assert_eq!(settings.batch_max_rows, 5_000);
+        assert_eq!(settings.batch_max_age, Duration::from_millis(1_000));
+        assert_eq!(settings.db_timeout, Duration::from_millis(10_000));
+        assert_eq!(settings.retry_max_backoff, Duration::from_millis(5_000));
+    }
+
+    #[test]
+    fn an_impossible_value_names_the_flag_or_the_config_field_that_set_it() {
+        let mut config = Config::default();
+        config.sink.batch_max_rows = 0;
+        assert_eq!(
+            setting_field(SinkSettings::from_args(
+                config.clone(),
+                &args("sqlite:x.db")
+            )),
+            "sink.batch_max_rows"
+        );
+        let mut given = args("sqlite:x.db");
+        given.batch_max_rows = Some(2_000_000);
+        assert_eq!(
+            setting_field(SinkSettings::from_args(Config::default(), &given)),
+            "--batch-max-rows"
+        );
+        // A valid flag over an impossible config value is fine: the flag wins.
+        given.batch_max_rows = Some(10);
+        assert!(SinkSettings::from_args(config, &given).is_ok());
+
+        let mut config = Config::default();
+        config.sink.db_timeout_ms = 5;
+        assert_eq!(
+            setting_field(SinkSettings::from_args(config, &args("sqlite:x.db"))),
+            "sink.db_timeout_ms"
+        );
+        let mut given = args("sqlite:x.db");
+        given.group_id = Some(String::new());
+        assert_eq!(
+            setting_field(SinkSettings::from_args(Config::default(), &given)),
+            "--group-id"
+        );
+    }
 }

@@ -18,7 +18,9 @@ use super::transaction::{CommitOutcome, classify, is_fatal};
 use super::{Engine, KAFKA_TIMEOUT, Polled};
 use crate::decide::{FatalFacts, RestartDecision, restart_decision};
 use crate::error::AggregatorError;
-use crate::kafka::{ProducerCallbacks, consumer_config, producer_config};
+use crate::kafka::{
+    ProducerCallbacks, consumer_config, is_authentication_failure, producer_config,
+};
 use crate::metrics::{self as m, PendingTotals};
 use crate::settings::AggregatorSettings;
 
@@ -363,6 +365,13 @@ fn drive(
                     if is_fatal(&error) {
                         return Err(AggregatorError::Fatal {
                             operation: "consume",
+                            source: error,
+                        });
+                    }
+                    // librdkafka would retry a refused login forever; no retry fixes it.
+                    if is_authentication_failure(&error) {
+                        return Err(AggregatorError::Kafka {
+                            operation: "authenticate",
                             source: error,
                         });
                     }
