@@ -10,6 +10,7 @@
 mod aggregate;
 mod kafka;
 mod produce;
+mod replay;
 mod settings;
 mod sink;
 mod telemetry;
@@ -58,6 +59,12 @@ enum Command {
     Sink(Box<tally_sink::SinkArgs>),
     /// Hourly, daily or monthly totals from the billing store in any IANA time zone.
     Report(Box<tally_sink::report::ReportArgs>),
+    /// Re-aggregate a range of usage.events into an isolated output (topic or store),
+    /// under the live contracts or what-if ones.
+    Replay(Box<tally_replay::ReplayArgs>),
+    /// Compare two sets of aggregates (topics, stores, replay outputs) for a period; exit
+    /// 0 when equal, 1 when they differ, 2 on error.
+    Reconcile(Box<tally_replay::ReconcileArgs>),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -99,11 +106,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let reconcile = matches!(cli.command, Command::Reconcile(_));
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!(error = format!("{err:#}"), "tally failed");
-            ExitCode::FAILURE
+            replay::failure_exit_code(reconcile, &err)
         }
     }
 }
@@ -128,6 +136,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(args) => produce::run(&config, &args).await,
         Command::Sink(args) => sink::run(config, &args).await,
         Command::Report(args) => sink::report(*args).await,
+        Command::Replay(args) => replay::replay(config, *args).await,
+        Command::Reconcile(args) => replay::reconcile(config, *args).await,
         Command::Topics {
             action: TopicsAction::Create,
         } => {
