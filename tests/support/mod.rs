@@ -6,6 +6,7 @@ pub mod eos;
 pub mod kill;
 pub mod money;
 pub mod prometheus;
+pub mod replay;
 pub mod sink;
 
 use std::path::{Path, PathBuf};

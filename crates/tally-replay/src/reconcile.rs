@@ -1042,7 +1042,17 @@ fn render_table(report: &ReconcileReport) -> String {
         );
         for difference in &report.differences {
             for (field, left, right, delta) in difference_fields(difference) {
-                if field == "id" {
+                // A missing or extra row is shown by its counts and amounts only.
+                let shown = match difference.status {
+                    Status::Mismatching => field != "id",
+                    Status::Missing | Status::Extra => {
+                        matches!(
+                            field.as_str(),
+                            "event_count" | "gross_micros" | "net_micros"
+                        )
+                    }
+                };
+                if !shown {
                     continue;
                 }
                 let _ = writeln!(
