@@ -1105,3 +1105,101 @@ fn render_table(report: &ReconcileReport) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(tenant: &str, cloud: &str, sequence: i64) -> RowKey {
+        RowKey {
+            source_topic: "usage.events".to_owned(),
+            source_partition: 0,
+            window_start_ms: 0,
+            window_end_ms: 60_000,
+            tenant_id: tenant.to_owned(),
+            model: "atlas-large".to_owned(),
+            cloud: cloud.to_owned(),
+            channel_partner: None,
+            region: "eu".to_owned(),
+            row_kind: "billable".to_owned(),
+            correction_seq: sequence,
+        }
+    }
+
+    fn value(id: &str, gross: i64, share: i64) -> RowValue {
+        RowValue {
+            id: id.to_owned(),
+            event_count: 1,
+            tokens: [10, 0, 5, 0],
+            currency: "USD".to_owned(),
+            gross_micros: gross,
+            shares: [("microsoft".to_owned(), share)].into_iter().collect(),
+            net_micros: gross - share,
+            price_book_version: "v1".to_owned(),
+            share_rule_version: "v1".to_owned(),
+        }
+    }
+
+    #[test]
+    fn finds_mismatching_missing_and_extra_rows_and_sums_their_differences() {
+        let mut left = Rows::new();
+        left.insert(key("a", "aws", 0), value("1", 1_000, 200));
+        left.insert(key("a", "aws", 1), value("2", 500, 100));
+        left.insert(key("b", "azure", 0), value("3", 300, 60));
+        let mut right = left.clone();
+        right.insert(key("a", "aws", 0), value("1", 1_000, 250));
+        right.remove(&key("a", "aws", 1));
+        right.insert(key("c", "gcp", 0), value("4", 40, 0));
+        let report = compare("l", &left, "r", &right, 0, 60_000);
+        assert!(!report.is_equal());
+        let rows = report.rows;
+        assert_eq!(
+            (rows.matching, rows.mismatching, rows.missing, rows.extra),
+            (1, 1, 1, 1)
+        );
+        let statuses: Vec<Status> = report.differences.iter().map(|d| d.status).collect();
+        assert_eq!(
+            statuses,
+            vec![Status::Mismatching, Status::Missing, Status::Extra]
+        );
+        let mismatch = &report.differences[0];
+        assert_eq!(mismatch.gross_difference_micros, 0);
+        assert_eq!(mismatch.net_difference_micros, -50);
+        assert_eq!(mismatch.share_differences_micros["microsoft"], 50);
+        // microsoft: left 200 + 100 + 60, right 250 + 60 (+ 0 on the extra row).
+        let microsoft = &report.by_partner[0];
+        assert_eq!(microsoft.name, "microsoft");
+        assert_eq!(
+            (microsoft.left.share_micros, microsoft.right.share_micros),
+            (360, 310)
+        );
+        assert_eq!(microsoft.difference.share_micros, -50);
+        let aws = report
+            .by_cloud
+            .iter()
+            .find(|g| g.name == "aws")
+            .expect("aws");
+        assert_eq!(aws.difference.gross_micros, -500);
+        assert_eq!(aws.difference.tokens, [-10, 0, -5, 0]);
+        let csv = render(&report, Format::Csv).expect("csv");
+        assert!(csv.contains("row,mismatching,"));
+        assert!(csv.contains(",share:microsoft,200,250,50\n"));
+    }
+
+    #[test]
+    fn equal_sides_are_equal_and_sources_parse() {
+        let mut rows = Rows::new();
+        rows.insert(key("a", "aws", 0), value("1", 1_000, 200));
+        assert!(compare("l", &rows, "r", &rows, 0, 1).is_equal());
+        assert_eq!(
+            Source::parse("--left", "topic:billing.aggregates").expect("topic"),
+            Source::Topic("billing.aggregates".to_owned())
+        );
+        assert!(matches!(
+            Source::parse("--left", "sqlite:x.db").expect("sqlite"),
+            Source::Store(StoreLocation::Sqlite(_))
+        ));
+        assert!(Source::parse("--left", "billing.aggregates").is_err());
+        assert!(Source::parse("--left", "topic:").is_err());
+    }
+}
