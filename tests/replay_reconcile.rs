@@ -18,6 +18,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,8 @@ use support::eos::{AggregatorProcess, ChildConfig, ChildLog, create_outputs, rea
 use support::kill::{EVENT_TIME, PARTITIONS, produce_input};
 use support::money::TruthContracts;
 use support::replay::{
-    decoded, delete_records, production_state, reconcile, replay, tally_command, window_span,
+    decoded, delete_records, production_state, reconcile, replay, row_set, rows_in_offsets,
+    tally_command, window_span,
 };
 use support::sink::{SinkProcess, sqlite_row_count, sqlite_snapshot, wait_for_rows};
 use support::{TestTopics, default_contracts_path, rand_name};
@@ -97,6 +99,18 @@ fn share_of(contracts: &TruthContracts, row: &BillingAggregate, partner: &str) -
         .filter(|(name, _, _)| name == partner)
         .map(|(_, _, amount)| amount)
         .sum()
+}
+
+/// `tally replay <args>` without an event-time range.
+fn replay_offsets(
+    config: &Path,
+    args: &[&str],
+) -> (support::replay::Outcome, Option<serde_json::Value>) {
+    let mut all = vec!["replay"];
+    all.extend(args);
+    let outcome = tally_command(config, &all);
+    let summary = serde_json::from_str(outcome.stdout.trim()).ok();
+    (outcome, summary)
 }
 
 fn copy_store(from: &Path, to: &Path) {
@@ -196,6 +210,68 @@ fn replay_is_isolated_and_reconcile_finds_exactly_what_changed() {
         "the production store changed"
     );
     assert_eq!(production_state(&topics, &group, PARTITIONS), kafka_before);
+
+    // An offsets range from the middle of every partition (warm-up from a checkpoint at or
+    // before its start): exactly the live rows made only of records in it.
+    let ranges: BTreeMap<i32, (i64, i64)> = kafka_before.offsets[&topics.usage_events]
+        .iter()
+        .enumerate()
+        .map(|(partition, (_, high))| (partition as i32, (high / 3, high * 2 / 3)))
+        .collect();
+    let offsets_arg: Vec<String> = ranges
+        .iter()
+        .map(|(partition, (start, end))| format!("{partition}:{start}-{end}"))
+        .collect();
+    let offsets_topic = rand_name("replay-offsets");
+    let (outcome, summary) = replay_offsets(
+        &config,
+        &[
+            "--offsets",
+            &offsets_arg.join(","),
+            "--output-topic",
+            &offsets_topic,
+        ],
+    );
+    assert_eq!(
+        outcome.code, 0,
+        "offsets replay failed:\n{}",
+        outcome.stderr
+    );
+    let summary = summary.expect("summary");
+    for report in summary["partitions"].as_array().expect("partitions") {
+        assert_eq!(report["warm_up"], "checkpoint", "{report}");
+    }
+    let expected = rows_in_offsets(&live, &ranges);
+    assert!(!expected.is_empty());
+    let replayed_offsets = read_committed(&support::bootstrap(), &offsets_topic, PARTITIONS);
+    assert!(
+        row_set(&replayed_offsets) == row_set(&expected),
+        "offsets replay: {} rows, expected {}",
+        replayed_offsets.len(),
+        expected.len()
+    );
+
+    // A broker-timestamp range covering every record: all the live rows.
+    let by_time_store = dir.path().join("by-time.db");
+    let by_time = format!("sqlite:{}", by_time_store.display());
+    let (outcome, _) = replay_offsets(
+        &config,
+        &[
+            "--from-timestamp",
+            "2000-01-01T00:00:00Z",
+            "--to-timestamp",
+            "2100-01-01T00:00:00Z",
+            "--database",
+            &by_time,
+        ],
+    );
+    assert_eq!(
+        outcome.code, 0,
+        "broker-time replay failed:\n{}",
+        outcome.stderr
+    );
+    let (code, report) = reconcile(&config, &production, &by_time, from_ms, to_ms);
+    assert_eq!(code, 0, "{report}");
 
     // Equal sides: exit 0.
     let (code, report) = reconcile(&config, &production, &replayed, from_ms, to_ms);

@@ -301,3 +301,21 @@ pub fn after_soak(
         started.elapsed()
     );
 }
+
+/// The records of `records` (a topic's read) whose rows are made only of input records
+/// in the offsets of their input partition in `ranges`.
+pub fn rows_in_offsets(
+    records: &[ReadRecord],
+    ranges: &BTreeMap<i32, (i64, i64)>,
+) -> Vec<ReadRecord> {
+    records
+        .iter()
+        .filter(|record| {
+            let row = decode_aggregate(&record.value).expect("a BillingAggregate");
+            ranges
+                .get(&row.source_partition)
+                .is_some_and(|(start, end)| row.first_offset >= *start && row.last_offset < *end)
+        })
+        .cloned()
+        .collect()
+}

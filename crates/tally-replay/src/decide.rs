@@ -2,7 +2,7 @@
 //! from, when a partition has read enough, which rows lie in the range, and whether
 //! what-if contracts keep the live run's classification.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tally_aggregator::Checkpoint;
 use tally_core::contracts::Contracts;
@@ -75,6 +75,58 @@ pub fn choose_warm_up(entries: &[CheckpointEntry], from_ms: i64, horizons: &Hori
         .map_or(WarmUp::FromStart, |entry| {
             WarmUp::FromCheckpoint(Box::new(entry.clone()))
         })
+}
+
+/// The latest checkpoint committed at or before `start_offset`, or [`WarmUp::FromStart`].
+/// A row closed before that checkpoint holds only records before it, so every row made
+/// of records at or after `start_offset` is decided from the live state.
+pub fn choose_warm_up_at_offset(entries: &[CheckpointEntry], start_offset: i64) -> WarmUp {
+    entries
+        .iter()
+        .filter(|entry| entry.committed_offset <= start_offset)
+        .max_by_key(|entry| entry.committed_offset)
+        .map_or(WarmUp::FromStart, |entry| {
+            WarmUp::FromCheckpoint(Box::new(entry.clone()))
+        })
+}
+
+/// Whether a row made of the records `[first, last]` lies in the offsets `[start, end)`.
+pub fn row_in_offsets(first_offset: i64, last_offset: i64, start: i64, end: i64) -> bool {
+    first_offset >= start && last_offset < end
+}
+
+/// Parses `P:START-END,…` (END exclusive) into offsets by partition.
+pub fn parse_offsets(text: &str) -> Result<BTreeMap<i32, (i64, i64)>, String> {
+    let mut ranges = BTreeMap::new();
+    for part in text
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+    {
+        let parsed = part.split_once(':').and_then(|(partition, range)| {
+            let (start, end) = range.split_once('-')?;
+            Some((
+                partition.trim().parse::<i32>().ok()?,
+                start.trim().parse::<i64>().ok()?,
+                end.trim().parse::<i64>().ok()?,
+            ))
+        });
+        let Some((partition, start, end)) = parsed else {
+            return Err(format!("{part:?} is not PARTITION:START-END"));
+        };
+        if partition < 0 || start < 0 || end <= start {
+            return Err(format!(
+                "{part:?}: need partition >= 0 and 0 <= START < END"
+            ));
+        }
+        if ranges.insert(partition, (start, end)).is_some() {
+            return Err(format!("partition {partition} is given twice"));
+        }
+    }
+    if ranges.is_empty() {
+        return Err("no partition range given".to_owned());
+    }
+    Ok(ranges)
 }
 
 /// Whether a row of window `[start, end)` is in the range `[from, to)`.
@@ -245,6 +297,28 @@ mod tests {
             "a checkpoint before any watermark closed nothing"
         );
         assert_eq!(chosen(&choose_warm_up(&[], from, &HORIZONS)), None);
+    }
+
+    #[test]
+    fn offset_ranges_warm_up_from_a_checkpoint_at_or_before_their_start() {
+        let entries = vec![
+            entry(100, Some(1)),
+            entry(250, Some(2)),
+            entry(200, Some(3)),
+        ];
+        assert_eq!(chosen(&choose_warm_up_at_offset(&entries, 249)), Some(200));
+        assert_eq!(chosen(&choose_warm_up_at_offset(&entries, 250)), Some(250));
+        assert_eq!(chosen(&choose_warm_up_at_offset(&entries, 99)), None);
+        assert!(row_in_offsets(10, 19, 10, 20));
+        assert!(!row_in_offsets(9, 12, 10, 20));
+        assert!(!row_in_offsets(12, 20, 10, 20));
+        assert_eq!(
+            parse_offsets("0:10-20, 3:0-5").expect("valid"),
+            [(0, (10, 20)), (3, (0, 5))].into_iter().collect()
+        );
+        for bad in ["", "0:20-10", "x:1-2", "0:1-2,0:3-4", "1:5"] {
+            assert!(parse_offsets(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,12 @@
 //! code ([`tally_aggregator::record::apply_record`] on a
 //! [`tally_core::partition::PartitionState`], with the aggregator's partition parameters
 //! and validation limits), into an isolated output, and emits the rows whose windows
-//! lie in `[--from, --to)` (event time, window-aligned).
+//! lie in `[--from, --to)` (event time, window-aligned) — or, with `--offsets` (or
+//! `--from-timestamp`/`--to-timestamp`, broker timestamps turned into offsets), the rows
+//! made only of input records inside each partition's offsets. An offsets range warms up
+//! from the latest checkpoint committed at or before its start (a row closed before it
+//! holds only earlier records) and reads until the watermark passes the window of the
+//! range's largest counted event time + lateness + correction horizon + one window.
 //!
 //! **Isolation.** Output goes to `--output-topic` (refused when it is any topic of the
 //! configuration; created with `topics.output_partitions` when missing; written by a

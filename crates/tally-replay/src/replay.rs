@@ -29,7 +29,8 @@ use tally_sink::{Batch, Store, StoreLocation};
 use tracing::{info, warn};
 
 use crate::decide::{
-    CheckpointEntry, Horizons, WarmUp, choose_warm_up, classification_changes, row_in_range,
+    CheckpointEntry, Horizons, WarmUp, choose_warm_up, choose_warm_up_at_offset,
+    classification_changes, parse_offsets, row_in_offsets, row_in_range,
 };
 use crate::error::ReplayError;
 
@@ -45,13 +46,25 @@ const STORE_POSITION_TOPIC: &str = "tally.replay";
 /// `tally replay` flags.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplayArgs {
-    /// Start of the range, event time (RFC 3339): rows of windows starting at or after it.
-    #[arg(long)]
-    pub from: String,
-    /// End of the range, event time (RFC 3339, exclusive): rows of windows ending at or
-    /// before it.
-    #[arg(long)]
-    pub to: String,
+    /// Start of the range, event time (RFC 3339, on a window boundary): rows of windows
+    /// starting at or after it.
+    #[arg(long, requires = "to")]
+    pub from: Option<String>,
+    /// End of the range, event time (RFC 3339, exclusive, on a window boundary): rows of
+    /// windows ending at or before it.
+    #[arg(long, requires = "from")]
+    pub to: Option<String>,
+    /// The range as input offsets, `PARTITION:START-END,…` (END exclusive): rows made only
+    /// of records in it. Partitions not listed are not replayed.
+    #[arg(long, conflicts_with_all = ["from", "to", "from_timestamp", "to_timestamp"])]
+    pub offsets: Option<String>,
+    /// The range by broker (record) timestamp, RFC 3339: turned into the offsets of the
+    /// first records stamped at or after it on every partition.
+    #[arg(long, requires = "to_timestamp", conflicts_with_all = ["from", "to"])]
+    pub from_timestamp: Option<String>,
+    /// End of the broker-timestamp range (exclusive).
+    #[arg(long, requires = "from_timestamp")]
+    pub to_timestamp: Option<String>,
     /// Write the rows to this topic (created when missing; refused if it is any topic of
     /// the configuration).
     #[arg(long)]
@@ -92,6 +105,8 @@ pub struct PartitionReport {
     pub warm_up: &'static str,
     /// First offset read.
     pub start_offset: i64,
+    /// The offsets range of the partition, for an offsets or broker-timestamp replay.
+    pub range: Option<(i64, i64)>,
     /// The checkpoint's committed offset, when warming up from one.
     pub checkpoint_offset: Option<i64>,
     /// End offset fixed at start.
@@ -109,10 +124,10 @@ pub struct PartitionReport {
 /// The replay's summary (printed as JSON on stdout).
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplaySummary {
-    /// Range start, UTC ms.
-    pub from_ms: i64,
-    /// Range end, UTC ms.
-    pub to_ms: i64,
+    /// Event-time range start, UTC ms (an offsets range has none).
+    pub from_ms: Option<i64>,
+    /// Event-time range end, UTC ms.
+    pub to_ms: Option<i64>,
     /// Rows emitted in all.
     pub rows: u64,
     /// Per partition.
@@ -242,15 +257,52 @@ impl Outputs {
 
 /// Runs a replay (blocking: call it from a blocking thread).
 pub fn run(config: &Config, args: &ReplayArgs) -> Result<ReplaySummary, ReplayError> {
-    let from_ms = parse_time("--from", &args.from)?;
-    let to_ms = parse_time("--to", &args.to)?;
     let window_ms = config.aggregator.window_ms;
-    if to_ms <= from_ms || from_ms.rem_euclid(window_ms) != 0 || to_ms.rem_euclid(window_ms) != 0 {
+    let event_time = match (&args.from, &args.to) {
+        (Some(from), Some(to)) => {
+            let from_ms = parse_time("--from", from)?;
+            let to_ms = parse_time("--to", to)?;
+            if to_ms <= from_ms
+                || from_ms.rem_euclid(window_ms) != 0
+                || to_ms.rem_euclid(window_ms) != 0
+            {
+                return Err(ReplayError::Setting {
+                    field: "--from/--to",
+                    problem: format!(
+                        "need from < to, both on a {window_ms} ms window boundary (aggregator.window_ms)"
+                    ),
+                });
+            }
+            Some((from_ms, to_ms))
+        }
+        _ => None,
+    };
+    let mut offsets = match &args.offsets {
+        Some(text) => Some(parse_offsets(text).map_err(|problem| ReplayError::Setting {
+            field: "--offsets",
+            problem,
+        })?),
+        None => None,
+    };
+    let broker_time = match (&args.from_timestamp, &args.to_timestamp) {
+        (Some(from), Some(to)) => {
+            let from_ms = parse_time("--from-timestamp", from)?;
+            let to_ms = parse_time("--to-timestamp", to)?;
+            if to_ms <= from_ms {
+                return Err(ReplayError::Setting {
+                    field: "--from-timestamp/--to-timestamp",
+                    problem: "need from < to".to_owned(),
+                });
+            }
+            Some((from_ms, to_ms))
+        }
+        _ => None,
+    };
+    if event_time.is_none() && offsets.is_none() && broker_time.is_none() {
         return Err(ReplayError::Setting {
             field: "--from/--to",
-            problem: format!(
-                "need from < to, both on a {window_ms} ms window boundary (aggregator.window_ms)"
-            ),
+            problem: "give a range: --from/--to, --offsets or --from-timestamp/--to-timestamp"
+                .to_owned(),
         });
     }
     if args.commit_interval_ms == 0 {
@@ -329,6 +381,15 @@ pub fn run(config: &Config, args: &ReplayArgs) -> Result<ReplaySummary, ReplayEr
             problem: error.to_string(),
         })?
         .with_input_partitions(partitions);
+    if let Some((from_ms, to_ms)) = broker_time {
+        offsets = Some(offsets_for_times(
+            &base,
+            &topics.usage_events,
+            partitions,
+            from_ms,
+            to_ms,
+        )?);
+    }
     let checkpoints = read_checkpoints(&base, &topics.checkpoints, &topics.usage_events)?;
     let horizons = Horizons {
         window_ms,
@@ -344,7 +405,18 @@ pub fn run(config: &Config, args: &ReplayArgs) -> Result<ReplaySummary, ReplayEr
             .get(&partition)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let warm_up = choose_warm_up(entries, from_ms, &horizons);
+        let select = match (&offsets, event_time) {
+            (Some(ranges), _) => match ranges.get(&partition) {
+                Some(&(start, end)) => Select::Offsets { start, end },
+                None => continue,
+            },
+            (None, Some((from_ms, to_ms))) => Select::Windows { from_ms, to_ms },
+            (None, None) => continue,
+        };
+        let warm_up = match select {
+            Select::Windows { from_ms, .. } => choose_warm_up(entries, from_ms, &horizons),
+            Select::Offsets { start, .. } => choose_warm_up_at_offset(entries, start),
+        };
         let (log_start, end_offset) = reader
             .fetch_watermarks(&topics.usage_events, partition, KAFKA_TIMEOUT)
             .map_err(kafka("fetch the input's offsets"))?;
@@ -378,12 +450,11 @@ pub fn run(config: &Config, args: &ReplayArgs) -> Result<ReplaySummary, ReplayEr
         };
         if log_start > start_offset && start_offset < end_offset {
             return Err(refused(format!(
-                "{}/{partition}: the warm-up needs input from offset {start_offset}, but the log starts at {log_start} (deleted by retention or DeleteRecords); the windows from {} cannot be re-derived exactly",
+                "{}/{partition}: the warm-up needs input from offset {start_offset}, but the log starts at {log_start} (deleted by retention or DeleteRecords); the range cannot be re-derived exactly",
                 topics.usage_events,
-                format_utc_ms(from_ms)
             )));
         }
-        plans.push((partition, warm_up, start_offset, end_offset));
+        plans.push((partition, warm_up, start_offset, end_offset, select));
     }
 
     let mut outputs = Outputs {
@@ -425,7 +496,7 @@ pub fn run(config: &Config, args: &ReplayArgs) -> Result<ReplaySummary, ReplayEr
         partition_count: u32::try_from(partitions).unwrap_or(0),
     };
     let mut reports = Vec::new();
-    for (partition, warm_up, start_offset, end_offset) in plans {
+    for (partition, warm_up, start_offset, end_offset, select) in plans {
         let params = settings.partition_params(partition);
         let report = replay_partition(
             &reader,
@@ -436,9 +507,8 @@ pub fn run(config: &Config, args: &ReplayArgs) -> Result<ReplaySummary, ReplayEr
                 warm_up,
                 start_offset,
                 end_offset,
-                from_ms,
-                to_ms,
-                settled_watermark_ms: horizons.settled_watermark(to_ms),
+                select,
+                horizons,
             },
             &mut outputs,
         )?;
@@ -454,20 +524,41 @@ pub fn run(config: &Config, args: &ReplayArgs) -> Result<ReplaySummary, ReplayEr
     }
     outputs.flush(true)?;
     Ok(ReplaySummary {
-        from_ms,
-        to_ms,
+        from_ms: event_time.map(|(from_ms, _)| from_ms),
+        to_ms: event_time.map(|(_, to_ms)| to_ms),
         rows: reports.iter().map(|report| report.rows).sum(),
         partitions: reports,
     })
+}
+
+/// Which rows of a partition are emitted.
+#[derive(Debug, Clone, Copy)]
+enum Select {
+    /// Rows of windows inside `[from, to)`.
+    Windows { from_ms: i64, to_ms: i64 },
+    /// Rows made only of records in `[start, end)`.
+    Offsets { start: i64, end: i64 },
+}
+
+impl Select {
+    fn contains(&self, row: &BillingAggregate) -> bool {
+        match *self {
+            Select::Windows { from_ms, to_ms } => {
+                row_in_range(row.window_start_ms, row.window_end_ms, from_ms, to_ms)
+            }
+            Select::Offsets { start, end } => {
+                row_in_offsets(row.first_offset, row.last_offset, start, end)
+            }
+        }
+    }
 }
 
 struct PartitionPlan {
     warm_up: WarmUp,
     start_offset: i64,
     end_offset: i64,
-    from_ms: i64,
-    to_ms: i64,
-    settled_watermark_ms: i64,
+    select: Select,
+    horizons: Horizons,
 }
 
 fn replay_partition(
@@ -498,6 +589,10 @@ fn replay_partition(
             "start"
         },
         start_offset: plan.start_offset,
+        range: match plan.select {
+            Select::Offsets { start, end } => Some((start, end)),
+            Select::Windows { .. } => None,
+        },
         checkpoint_offset: pending_restore.as_ref().map(|entry| entry.committed_offset),
         end_offset: plan.end_offset,
         records: 0,
@@ -506,6 +601,13 @@ fn replay_partition(
         watermark_ms: None,
     };
     let mut next_offset = plan.start_offset;
+    // The watermark after which no emitted row can change: known from the start for an
+    // event-time range; for an offsets range, once the range's last record was read (the
+    // rows holding its records lie in windows up to its largest counted event time's).
+    let mut settled_watermark_ms = match plan.select {
+        Select::Windows { to_ms, .. } => Some(plan.horizons.settled_watermark(to_ms)),
+        Select::Offsets { .. } => None,
+    };
     if next_offset < plan.end_offset {
         let mut assignment = TopicPartitionList::new();
         assignment
@@ -547,10 +649,21 @@ fn replay_partition(
                         if state.closed_pending() > 0 {
                             emit(&mut state, rules.contracts, &plan, outputs, &mut report)?;
                         }
-                        if state
-                            .watermark()
-                            .is_some_and(|watermark| watermark >= plan.settled_watermark_ms)
+                        if let Select::Offsets { end, .. } = plan.select
+                            && settled_watermark_ms.is_none()
+                            && next_offset >= end
                         {
+                            let window_ms = plan.horizons.window_ms;
+                            let last_window_end =
+                                state.clock().max_event_time_ms.map_or(i64::MIN, |time| {
+                                    time.div_euclid(window_ms) * window_ms + window_ms
+                                });
+                            settled_watermark_ms =
+                                Some(plan.horizons.settled_watermark(last_window_end));
+                        }
+                        if state.watermark().is_some_and(|watermark| {
+                            settled_watermark_ms.is_some_and(|settled| watermark >= settled)
+                        }) {
                             report.stop = Stop::Settled;
                             break;
                         }
@@ -636,12 +749,7 @@ fn emit(
             problem: error.to_string(),
         })?;
     for row in rows {
-        if row_in_range(
-            row.window_start_ms,
-            row.window_end_ms,
-            plan.from_ms,
-            plan.to_ms,
-        ) {
+        if plan.select.contains(&row) {
             report.rows += 1;
             outputs.write(row)?;
         }
@@ -825,4 +933,54 @@ fn create_topic(base: &ClientConfig, topic: &str, config: &Config) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// The offsets of the first records stamped at or after `from_ms` and `to_ms` on every
+/// partition (the end offset when none is).
+fn offsets_for_times(
+    base: &ClientConfig,
+    topic: &str,
+    partitions: i32,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<BTreeMap<i32, (i64, i64)>, ReplayError> {
+    let consumer: BaseConsumer = base
+        .clone()
+        .set("group.id", "tally-replay-times")
+        .create()
+        .map_err(kafka("create a lookup client"))?;
+    let lookup = |time_ms: i64| -> Result<BTreeMap<i32, i64>, ReplayError> {
+        let mut query = TopicPartitionList::new();
+        for partition in 0..partitions {
+            query
+                .add_partition_offset(topic, partition, Offset::Offset(time_ms))
+                .map_err(kafka("look up offsets by time"))?;
+        }
+        let found = consumer
+            .offsets_for_times(query, KAFKA_TIMEOUT)
+            .map_err(kafka("look up offsets by time"))?;
+        let mut offsets = BTreeMap::new();
+        for element in found.elements() {
+            let offset = match element.offset() {
+                Offset::Offset(offset) => offset,
+                _ => {
+                    consumer
+                        .fetch_watermarks(topic, element.partition(), KAFKA_TIMEOUT)
+                        .map_err(kafka("fetch the input's offsets"))?
+                        .1
+                }
+            };
+            offsets.insert(element.partition(), offset);
+        }
+        Ok(offsets)
+    };
+    let starts = lookup(from_ms)?;
+    let ends = lookup(to_ms)?;
+    Ok(starts
+        .into_iter()
+        .filter_map(|(partition, start)| {
+            let end = ends.get(&partition).copied()?;
+            (end > start).then_some((partition, (start, end)))
+        })
+        .collect())
 }
