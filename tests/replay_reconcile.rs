@@ -29,7 +29,9 @@ use support::replay::{
     decoded, delete_records, production_state, reconcile, replay, row_set, rows_in_offsets,
     tally_command, window_span,
 };
-use support::sink::{SinkProcess, sqlite_row_count, sqlite_snapshot, wait_for_rows};
+use support::sink::{
+    SinkProcess, pg_fresh_database, sqlite_row_count, sqlite_snapshot, wait_for_rows,
+};
 use support::{TestTopics, default_contracts_path, rand_name};
 use tally_core::aggregate::{BillingAggregate, RowKind};
 use tally_core::timefmt::format_utc_ms;
@@ -272,6 +274,18 @@ fn replay_is_isolated_and_reconcile_finds_exactly_what_changed() {
     );
     let (code, report) = reconcile(&config, &production, &by_time, from_ms, to_ms);
     assert_eq!(code, 0, "{report}");
+
+    // A replay into a PostgreSQL database of its own reconciles equal with the SQLite store.
+    let pg_replay = pg_fresh_database();
+    let (outcome, _) = replay(&config, from_ms, to_ms, &["--database", &pg_replay]);
+    assert_eq!(
+        outcome.code, 0,
+        "replay into PostgreSQL failed:\n{}",
+        outcome.stderr
+    );
+    let (code, report) = reconcile(&config, &production, &pg_replay, from_ms, to_ms);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(count(&report, "matching"), live.len() as u64);
 
     // Equal sides: exit 0.
     let (code, report) = reconcile(&config, &production, &replayed, from_ms, to_ms);
