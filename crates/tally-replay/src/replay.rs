@@ -356,23 +356,6 @@ pub fn run(config: &Config, args: &ReplayArgs) -> Result<ReplaySummary, ReplayEr
         }
         None => production.clone(),
     };
-    // Store: must not be a sink's.
-    let store = match &args.database {
-        Some(database) => {
-            let location = StoreLocation::parse("--database", database)?;
-            let mut store = Store::open(&location, Duration::from_secs(10))?;
-            let offsets = store.load_offsets(&topics.billing_aggregates)?;
-            if !offsets.is_empty() {
-                return Err(refused(format!(
-                    "--database holds the sink offsets of {} (it is a production store); replay into a store of its own",
-                    topics.billing_aggregates
-                )));
-            }
-            Some(store)
-        }
-        None => None,
-    };
-
     let base = client_config(&config.kafka);
     let partitions = input_partitions(&base, &topics.usage_events)?;
     let semantics = Semantics::new(config, &production)
@@ -456,6 +439,23 @@ pub fn run(config: &Config, args: &ReplayArgs) -> Result<ReplaySummary, ReplayEr
         }
         plans.push((partition, warm_up, start_offset, end_offset, select));
     }
+
+    // Store: must not be a sink's. Opened (and created) only once nothing is refused.
+    let store = match &args.database {
+        Some(database) => {
+            let location = StoreLocation::parse("--database", database)?;
+            let mut store = Store::open(&location, Duration::from_secs(10))?;
+            let offsets = store.load_offsets(&topics.billing_aggregates)?;
+            if !offsets.is_empty() {
+                return Err(refused(format!(
+                    "--database holds the sink offsets of {} (it is a production store); replay into a store of its own",
+                    topics.billing_aggregates
+                )));
+            }
+            Some(store)
+        }
+        None => None,
+    };
 
     let mut outputs = Outputs {
         topic: match &args.output_topic {
