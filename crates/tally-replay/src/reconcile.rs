@@ -386,7 +386,6 @@ fn difference_of(
     left: Option<&RowValue>,
     right: Option<&RowValue>,
 ) -> Difference {
-    let zero = Totals::default();
     let totals = |value: Option<&RowValue>| {
         let mut totals = Totals::default();
         if let Some(value) = value {
@@ -395,7 +394,6 @@ fn difference_of(
         totals
     };
     let delta = totals(right).minus(&totals(left));
-    let _ = zero;
     let mut shares: BTreeMap<String, i128> = BTreeMap::new();
     for (side, sign) in [(left, -1i128), (right, 1i128)] {
         if let Some(value) = side {

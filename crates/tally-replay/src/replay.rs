@@ -356,6 +356,12 @@ pub fn run(config: &Config, args: &ReplayArgs) -> Result<ReplaySummary, ReplayEr
         }
         None => production.clone(),
     };
+    // The live aggregator's settings and checks, with the replay's contracts.
+    let settings = AggregatorSettings::new(config.clone(), contracts.clone(), "replay");
+    settings.validate().map_err(|error| ReplayError::Setting {
+        field: "aggregator",
+        problem: error.to_string(),
+    })?;
     let base = client_config(&config.kafka);
     let partitions = input_partitions(&base, &topics.usage_events)?;
     let semantics = Semantics::new(config, &production)
@@ -484,11 +490,6 @@ pub fn run(config: &Config, args: &ReplayArgs) -> Result<ReplaySummary, ReplayEr
         buffer: Vec::new(),
     };
 
-    let settings = AggregatorSettings::new(config.clone(), contracts.clone(), "replay");
-    settings.validate().map_err(|error| ReplayError::Setting {
-        field: "aggregator",
-        problem: error.to_string(),
-    })?;
     let limits = settings.limits();
     let rules = RecordRules {
         contracts: &contracts,
@@ -923,12 +924,11 @@ fn create_topic(base: &ClientConfig, topic: &str, config: &Config) -> Result<(),
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => {
+            Err((_, code)) => {
                 return Err(ReplayError::Kafka {
                     operation: "create the output topic",
                     source: KafkaError::AdminOp(code),
-                })
-                .inspect_err(|_| warn!(topic = name, "output topic not created"));
+                });
             }
         }
     }
