@@ -6,14 +6,17 @@
 //! the billing store), `report` (totals from the store in any time zone), `config check`
 //! (validate the configuration and its contracts; with `--topics`, the existing topics
 //! too), `statement` (a partner's monthly revenue-share statement), `export` and `export
-//! ack` (marketplace usage files and their ledger).
+//! ack` (marketplace usage files and their ledger), `replay` (re-aggregate a range into
+//! an isolated output) and `reconcile` (compare two sets of aggregates).
 //!
 //! Exit codes: 0 on success; 78 when the Kafka cluster refused the credentials or the
-//! TLS handshake (see `kafka.rs`); 1 for any other error.
+//! TLS handshake (see `kafka.rs`); 3 when `replay` refuses (see `replay.rs`); 1 for any
+//! other error. `reconcile` exits 0 when equal, 1 when the sides differ, 2 on error.
 
 mod aggregate;
 mod kafka;
 mod produce;
+mod replay;
 mod settings;
 mod sink;
 mod statements;
@@ -68,6 +71,12 @@ enum Command {
     /// Hourly marketplace usage files (AWS, Azure, GCP) from the billing store, and
     /// (`export ack`) the marketplace's answers into the ledger.
     Export(Box<ExportCommand>),
+    /// Re-aggregate a range of usage.events into an isolated output (topic or store),
+    /// under the live contracts or what-if ones.
+    Replay(Box<tally_replay::ReplayArgs>),
+    /// Compare two sets of aggregates (topics, stores, replay outputs) for a period; exit
+    /// 0 when equal, 1 when they differ, 2 on error.
+    Reconcile(Box<tally_replay::ReconcileArgs>),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -84,7 +93,8 @@ impl Command {
             Command::Topics { .. }
             | Command::Aggregate(_)
             | Command::Produce(_)
-            | Command::Sink(_) => true,
+            | Command::Sink(_)
+            | Command::Replay(_) => true,
             Command::Config {
                 action: ConfigAction::Check { topics },
             } => *topics,
@@ -145,14 +155,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let reconcile = matches!(cli.command, Command::Reconcile(_));
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!(error = format!("{err:#}"), "tally failed");
-            if kafka::is_authentication_error(&err) {
+            if reconcile {
+                replay::failure_exit_code(true, &err)
+            } else if kafka::is_authentication_error(&err) {
                 ExitCode::from(kafka::EXIT_KAFKA_AUTHENTICATION)
             } else {
-                ExitCode::FAILURE
+                replay::failure_exit_code(false, &err)
             }
         }
     }
@@ -186,6 +199,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Some(ExportAction::Ack(args)) => statements::ack(args).await,
             None => statements::export(config, command.run).await,
         },
+        Command::Replay(args) => replay::replay(config, *args).await,
+        Command::Reconcile(args) => replay::reconcile(config, *args).await,
         Command::Topics {
             action: TopicsAction::Create,
         } => {

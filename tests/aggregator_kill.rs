@@ -508,6 +508,13 @@ fn crash_soak_with_sigkills_matches_ground_truth() {
     assert!(restored > 0, "restarts re-read input to rebuild state");
     assert_concurrent_view(&seen, &verification.multiset);
     assert_restore_is_bounded(&report.restores);
+    support::replay::after_soak(
+        &deployment.config,
+        &deployment.topics,
+        &deployment.group,
+        PARTITIONS,
+        EVENT_TIME.window_ms,
+    );
 }
 
 /// Restores cost the live state, not the history: with history at least 20 dedupe

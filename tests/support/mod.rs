@@ -7,6 +7,7 @@ pub mod finance;
 pub mod kill;
 pub mod money;
 pub mod prometheus;
+pub mod replay;
 pub mod sink;
 
 use std::path::{Path, PathBuf};
