@@ -85,6 +85,13 @@ pub(crate) async fn run(config: &Config, args: &GeneratorArgs) -> anyhow::Result
             .with_context(|| format!("cannot write the ground truth to {}", path.display()))?;
         info!(path = %path.display(), "wrote ground truth");
     }
+    if args.metrics_linger_ms > 0 {
+        info!(
+            linger_ms = args.metrics_linger_ms,
+            "serving metrics after the run"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(args.metrics_linger_ms)).await;
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@
 pub mod eos;
 pub mod kill;
 pub mod money;
+pub mod ops;
 pub mod prometheus;
 pub mod sink;
 
