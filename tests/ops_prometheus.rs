@@ -35,13 +35,14 @@ const RATE: u64 = 250;
 const RUN_SECS: u64 = 12;
 
 /// Panels that must show data after a healthy run: traffic and latency.
-const PANELS_WITH_DATA: [&str; 6] = [
+const PANELS_WITH_DATA: [&str; 7] = [
     "Throughput in",
     "Throughput out",
     "Sink rows and batches",
     "Transaction commit latency",
     "Window emit latency",
     "Sink transaction latency",
+    "Producer delivery latency",
 ];
 
 fn now_ms() -> u64 {
@@ -208,7 +209,7 @@ scrape_configs:
     eprintln!("run done after {:?}", started.elapsed());
 
     // Every metric named by a panel or an alert has a series.
-    let panels = dashboard_queries("30s", "1m");
+    let panels = dashboard_queries("1m", "5m");
     let alerts = alert_expressions();
     let mut names = BTreeSet::new();
     for panel in &panels {
