@@ -31,13 +31,23 @@ const RECORDS: i64 = 30_000;
 
 /// One observed answer of both endpoints: `(status, phase)` of `/readyz` (phase from
 /// the JSON body) and the status of `/healthz`; `None` when nothing answered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 struct Observed {
     ready: Option<(u16, String)>,
     live: Option<u16>,
+    /// When this answer was first seen, ms after the probe started (not compared).
+    at_ms: u128,
 }
 
-fn observe(address: &str) -> Observed {
+impl PartialEq for Observed {
+    fn eq(&self, other: &Self) -> bool {
+        self.ready == other.ready && self.live == other.live
+    }
+}
+
+impl Eq for Observed {}
+
+fn observe(address: &str, since: Instant) -> Observed {
     let ready = http_get(address, "/readyz").map(|(status, body)| {
         let json: serde_json::Value = serde_json::from_str(&body)
             .unwrap_or_else(|error| panic!("/readyz body is not JSON ({error}): {body}"));
@@ -57,7 +67,11 @@ fn observe(address: &str) -> Observed {
         assert!(json["since_last_poll_ms"].is_u64(), "{body}");
         status
     });
-    Observed { ready, live }
+    Observed {
+        ready,
+        live,
+        at_ms: since.elapsed().as_millis(),
+    }
 }
 
 /// Polls both endpoints of `address` every 5 ms on a thread, recording every change,
@@ -71,11 +85,13 @@ impl Probe {
     fn start(address: String) -> Probe {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
+        // The first answer is taken before the process is spawned: nothing listens.
+        let since = Instant::now();
+        let mut seen = vec![observe(&address, since)];
         let handle = thread::spawn(move || {
-            let mut seen: Vec<Observed> = Vec::new();
             let deadline = Instant::now() + Duration::from_secs(120);
             while !flag.load(Ordering::Acquire) && Instant::now() < deadline {
-                let now = observe(&address);
+                let now = observe(&address, since);
                 if seen.last() != Some(&now) {
                     seen.push(now);
                 }
@@ -96,15 +112,18 @@ impl Probe {
 /// repeats collapsed.
 fn phases(seen: &[Observed]) -> Vec<String> {
     let mut phases: Vec<String> = Vec::new();
+    let mut timeline = String::new();
     for observed in seen {
         let phase = match &observed.ready {
             None => "-".to_owned(),
             Some((status, phase)) => format!("{status} {phase}"),
         };
         if phases.last() != Some(&phase) {
+            timeline.push_str(&format!(" {}ms:{phase}", observed.at_ms));
             phases.push(phase);
         }
     }
+    eprintln!("timeline:{timeline}");
     phases
 }
 
@@ -183,7 +202,12 @@ fn probes_follow_start_up_restore_running_and_shutdown() {
     });
     // Running a while: still ready and alive.
     thread::sleep(Duration::from_millis(1_500));
-    assert_eq!(observe(&address).ready.map(|(status, _)| status), Some(200));
+    assert_eq!(
+        observe(&address, Instant::now())
+            .ready
+            .map(|(status, _)| status),
+        Some(200)
+    );
     let metrics = parse(&get_ok(&address, "/metrics"));
     assert_eq!(
         metrics.sum("tally_aggregator_partition_restores_total"),
