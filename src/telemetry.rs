@@ -315,3 +315,17 @@ fn response(status: StatusCode, content_type: &'static str, body: String) -> Res
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_bound_is_twice_the_transaction_timeout_and_at_least_a_minute() {
+        let bound = |timeout_ms| HealthProbe::new(Health::new(), timeout_ms).liveness_bound;
+        assert_eq!(bound(45_000), Duration::from_secs(90));
+        assert_eq!(bound(30_000), Duration::from_secs(60));
+        assert_eq!(bound(10_000), Duration::from_secs(60));
+        assert_eq!(bound(-1), Duration::from_secs(60));
+    }
+}
