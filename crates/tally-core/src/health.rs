@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 /// Where a process is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Connecting, joining its consumer group, waiting for an assignment.
+    /// Connecting; for a consumer, joining its group and waiting for an assignment.
     Starting,
     /// Rebuilding the state of assigned partitions before processing them.
     Restoring,
@@ -174,7 +174,7 @@ impl Health {
     pub fn readiness(&self) -> Readiness {
         let phase = self.phase();
         let reason = match phase {
-            Phase::Starting => Some("waiting for a partition assignment"),
+            Phase::Starting => Some("starting up, not processing yet"),
             Phase::Restoring => Some("restoring partition state"),
             Phase::Stopping => Some("shutting down"),
             Phase::Running if !self.inner.database_available.load(Ordering::Acquire) => {
@@ -202,7 +202,7 @@ mod tests {
             Readiness {
                 ready: false,
                 phase: Phase::Starting,
-                reason: Some("waiting for a partition assignment"),
+                reason: Some("starting up, not processing yet"),
             }
         );
         health.set_phase(Phase::Restoring);
