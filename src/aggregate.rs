@@ -1,9 +1,10 @@
 //! `tally aggregate`: runs the exactly-once aggregator until SIGTERM or Ctrl-C.
 //!
 //! librdkafka's consumer, producer and transaction calls block, so the aggregator runs
-//! on its own blocking thread; this async side only serves `/metrics` and turns
-//! signals into the shutdown flag. On SIGTERM the aggregator commits its open
-//! transaction, leaves the group and the process exits 0.
+//! on its own blocking thread; this async side only serves `/metrics`, `/healthz` and
+//! `/readyz` and turns signals into the shutdown flag. On SIGTERM `/readyz` turns 503
+//! (`stopping`), the aggregator commits its open transaction, leaves the group and the
+//! process exits 0.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use tally_aggregator::{AggregateArgs, AggregatorSettings, metrics};
 use tally_core::config::Config;
+use tally_core::health::{Health, Phase};
 use tokio::signal::unix::{SignalKind, signal};
+
+use crate::telemetry::HealthProbe;
 use tracing::info;
 
 pub(crate) async fn run(config: Config, args: &AggregateArgs) -> anyhow::Result<()> {
@@ -25,12 +29,18 @@ pub(crate) async fn run(config: Config, args: &AggregateArgs) -> anyhow::Result<
             &metrics::WINDOW_EMIT_SECONDS_BUCKETS,
         ),
     ];
-    if let Some(address) = crate::telemetry::init_metrics(&config.metrics.listen, &histograms)? {
-        info!(%address, "serving metrics");
+    let health = Health::new();
+    let probe = HealthProbe::new(health.clone(), config.aggregator.transaction_timeout_ms);
+    if let Some(address) =
+        crate::telemetry::init_telemetry(&config.metrics.listen, &histograms, Some(probe))?
+    {
+        info!(%address, "serving metrics, healthz and readyz");
     }
     metrics::describe();
-    let settings =
+    let mut settings =
         AggregatorSettings::from_args(config, args).context("cannot start the aggregator")?;
+    settings.health = health.clone();
+    metrics::register_zero(&settings.contracts);
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
@@ -40,6 +50,7 @@ pub(crate) async fn run(config: Config, args: &AggregateArgs) -> anyhow::Result<
             _ = terminate.recv() => info!("sigterm received, finishing the current transaction"),
             _ = tokio::signal::ctrl_c() => info!("interrupt received, finishing the current transaction"),
         }
+        health.set_phase(Phase::Stopping);
         flag.store(true, Ordering::Release);
     });
 

@@ -1,8 +1,9 @@
 //! `tally sink` and `tally report`: the billing store's writer and its reader.
 //!
 //! The sink's Kafka loop and its database calls block, so it runs on its own
-//! blocking thread; this async side serves `/metrics` and turns SIGTERM or Ctrl-C into
-//! the shutdown flag (the open batch is written, then the process exits 0). A conflict,
+//! blocking thread; this async side serves `/metrics`, `/healthz` and `/readyz` and
+//! turns SIGTERM or Ctrl-C into the shutdown flag (`/readyz` turns 503, the open batch
+//! is written, then the process exits 0). A conflict,
 //! an undecodable record or a lost partition stops the process with a non-zero exit.
 
 use std::sync::Arc;
@@ -10,9 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use tally_core::config::Config;
+use tally_core::health::{Health, Phase};
 use tally_sink::report::{self, ReportArgs, ReportRequest};
 use tally_sink::{SinkArgs, SinkSettings, StoreLocation, metrics};
 use tokio::signal::unix::{SignalKind, signal};
+
+use crate::telemetry::HealthProbe;
 use tracing::info;
 
 pub(crate) async fn run(config: Config, args: &SinkArgs) -> anyhow::Result<()> {
@@ -20,11 +24,17 @@ pub(crate) async fn run(config: Config, args: &SinkArgs) -> anyhow::Result<()> {
         metrics::DB_TRANSACTION,
         &metrics::DB_TRANSACTION_SECONDS_BUCKETS,
     )];
-    if let Some(address) = crate::telemetry::init_metrics(&config.metrics.listen, &histograms)? {
-        info!(%address, "serving metrics");
+    let health = Health::new();
+    let probe = HealthProbe::new(health.clone(), config.aggregator.transaction_timeout_ms);
+    if let Some(address) =
+        crate::telemetry::init_telemetry(&config.metrics.listen, &histograms, Some(probe))?
+    {
+        info!(%address, "serving metrics, healthz and readyz");
     }
     metrics::describe();
-    let settings = SinkSettings::from_args(config, args).context("cannot start the sink")?;
+    metrics::register_zero();
+    let mut settings = SinkSettings::from_args(config, args).context("cannot start the sink")?;
+    settings.health = health.clone();
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
@@ -34,6 +44,7 @@ pub(crate) async fn run(config: Config, args: &SinkArgs) -> anyhow::Result<()> {
             _ = terminate.recv() => info!("sigterm received, writing the open batch"),
             _ = tokio::signal::ctrl_c() => info!("interrupt received, writing the open batch"),
         }
+        health.set_phase(Phase::Stopping);
         flag.store(true, Ordering::Release);
     });
 

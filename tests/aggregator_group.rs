@@ -961,8 +961,11 @@ fn metrics_endpoint_reports_the_run() {
             "gross micros of {cloud}"
         );
     }
+    // Every (cloud, beneficiary) of the contracts exists from the start; those without
+    // a share in this run stay at 0.
     let scraped_shares: BTreeMap<(String, String), i64> = exposition
         .samples_named("tally_aggregator_partner_share_micros_total")
+        .filter(|sample| sample.value > 0.0)
         .map(|sample| {
             (
                 (

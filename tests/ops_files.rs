@@ -90,14 +90,29 @@ fn exported_metrics() -> BTreeMap<String, String> {
         );
     }
 
-    // The producer library: counters only.
+    // The producer library: `metric_names::NAME` in its describe_* calls.
     let producer = read("crates/tally-producer/src/producer.rs");
-    for name in string_constants(&producer, "tally_producer_").into_values() {
+    let constants = string_constants(&producer, "tally_producer_");
+    for kind in ["counter", "gauge", "histogram"] {
+        let marker = format!("describe_{kind}!(");
+        for (index, _) in producer.match_indices(&marker) {
+            let rest = producer[index + marker.len()..].trim_start();
+            let rest = rest.strip_prefix("metric_names::").unwrap_or(rest);
+            let constant: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let name = constants
+                .get(&constant)
+                .unwrap_or_else(|| panic!("describe_{kind}!({constant}) names no constant"));
+            metrics.insert(name.clone(), kind.to_owned());
+        }
+    }
+    for name in constants.values() {
         assert!(
-            name.ends_with("_total"),
-            "{name}: producer metrics are counters"
+            metrics.contains_key(name),
+            "{name} has no HELP text (describe_*!)"
         );
-        metrics.insert(name, "counter".to_owned());
     }
 
     // The sink's contract.

@@ -12,6 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::eos::{create_topics, free_port, read_committed};
+use support::ops::http_get;
 use support::prometheus::{parse, scrape};
 use support::sink::{
     RUN_TIMEOUT, SinkProcess, assert_store_equals, pg_fresh_database, pg_row_count, pg_snapshot,
@@ -117,6 +118,12 @@ fn a_database_outage_longer_than_the_poll_interval_loses_and_skips_nothing() {
         let retries = metrics.sum("tally_sink_db_retries_total").unwrap_or(0.0);
         assert!(retries >= 2.0, "retries during the outage: {retries}");
         assert_eq!(metrics.sum("tally_sink_paused"), Some(1.0), "paused");
+        // Not ready without its database, but alive: liveness never asks the database.
+        let (status, body) = http_get(&listen, "/readyz").expect("readyz answers");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("database unavailable"), "{body}");
+        let (status, body) = http_get(&listen, "/healthz").expect("healthz answers");
+        assert_eq!(status, 200, "{body}");
         at_pause = metrics.sum("tally_sink_rows_written_total").unwrap_or(0.0);
     }
     assert!(
@@ -127,6 +134,11 @@ fn a_database_outage_longer_than_the_poll_interval_loses_and_skips_nothing() {
     wait_for_rows("after the outage", ROWS, || pg_row_count(&url), &mut sink);
     let metrics = parse(&scrape(&listen));
     assert_eq!(metrics.sum("tally_sink_paused"), Some(0.0), "resumed");
+    assert_eq!(
+        http_get(&listen, "/readyz").map(|(status, _)| status),
+        Some(200),
+        "ready again once the database answers"
+    );
     assert_eq!(
         metrics.sum("tally_sink_conflicts_total").unwrap_or(0.0),
         0.0

@@ -6,6 +6,7 @@ pub mod eos;
 pub mod finance;
 pub mod kill;
 pub mod money;
+pub mod ops;
 pub mod prometheus;
 pub mod replay;
 pub mod sink;

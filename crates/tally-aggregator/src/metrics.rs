@@ -7,6 +7,13 @@
 //! counters are updated once per committed transaction from the committed counter
 //! deltas, so they count committed work only (aborted work is not double counted) and
 //! the hot path never calls a labelled macro.
+//!
+//! [`register_zero`] creates every series with a fixed label set at 0 when the process
+//! starts, so dashboards and alerts see them before the first event: the unlabelled
+//! counters, duplicates by kind, rejections by every reason, tokens and gross by every
+//! known cloud, partner shares by every (cloud, beneficiary) the contracts name, the
+//! state gauges and both histograms. Only the per-partition gauges appear later, with
+//! the partitions' assignment.
 
 use std::collections::BTreeMap;
 
@@ -14,8 +21,12 @@ use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
 use tally_core::aggregate::BillingAggregate;
+use tally_core::codec::DecodeError;
+use tally_core::contracts::Contracts;
 use tally_core::event::Cloud;
-use tally_core::partition::PartitionCounters;
+use tally_core::partition::{PartitionCounters, RejectReason};
+
+use crate::record::MISROUTED;
 
 /// Usage records consumed and committed (ticks excluded).
 pub const CONSUMED_RECORDS: &str = "tally_aggregator_consumed_records_total";
@@ -184,6 +195,71 @@ pub fn describe() {
     );
 }
 
+/// Token kinds of [`TOKENS`]' `kind` label.
+const TOKEN_KINDS: [&str; 4] = ["input", "cached_input", "output", "reasoning"];
+
+/// Every `reason` of [`REJECTED_RECORDS`]: decode and validation reasons, `misrouted`,
+/// the state machine's reasons.
+pub fn rejected_reasons() -> impl Iterator<Item = &'static str> {
+    DecodeError::REASONS
+        .into_iter()
+        .chain([MISROUTED])
+        .chain(RejectReason::ALL.map(RejectReason::as_str))
+}
+
+/// Creates every series with a fixed label set at 0 (see the module docs). Call once,
+/// after installing a recorder, with the contracts the aggregator runs with.
+pub fn register_zero(contracts: &Contracts) {
+    for name in [
+        CONSUMED_RECORDS,
+        EMITTED_ROWS,
+        TOO_LATE_EVENTS,
+        TICKS_WRITTEN,
+        TICKS_READ,
+        CORRECTIONS,
+        TRANSACTIONS_ABORTED,
+        RESTORED_RECORDS,
+        PARTITION_RESTORES,
+        ABORT_LOOPS,
+        FATAL_RESTARTS,
+    ] {
+        counter!(name).increment(0);
+    }
+    for kind in ["exact", "conflicting"] {
+        counter!(DUPLICATE_EVENTS, "kind" => kind).increment(0);
+    }
+    for reason in rejected_reasons() {
+        counter!(REJECTED_RECORDS, "reason" => reason).increment(0);
+    }
+    for cloud in Cloud::ALL
+        .into_iter()
+        .filter(|cloud| *cloud != Cloud::Unknown)
+    {
+        for kind in TOKEN_KINDS {
+            counter!(TOKENS, "cloud" => cloud.as_str(), "kind" => kind).increment(0);
+        }
+        counter!(GROSS_MICROS, "cloud" => cloud.as_str()).increment(0);
+    }
+    for version in contracts.share_rules() {
+        for rule in version.rules() {
+            for beneficiary in &rule.beneficiaries {
+                counter!(
+                    PARTNER_SHARE_MICROS,
+                    "cloud" => rule.cloud.as_str(),
+                    "partner" => beneficiary.partner.clone()
+                )
+                .increment(0);
+            }
+        }
+    }
+    gauge!(OPEN_WINDOWS).set(0.0);
+    gauge!(STATE_BYTES).set(0.0);
+    // A histogram handle creates its series; it renders with zero counts until the
+    // first sample.
+    let _ = histogram!(TRANSACTION_COMMIT);
+    let _ = histogram!(WINDOW_EMIT_LATENCY);
+}
+
 /// Business totals of the rows of one transaction, applied when it commits.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PendingTotals {
@@ -243,10 +319,7 @@ impl PendingTotals {
         }
         for (cloud_index, (tokens, gross)) in &self.by_cloud {
             let cloud = Cloud::from_index(*cloud_index).map_or("unknown", Cloud::as_str);
-            for (kind, count) in ["input", "cached_input", "output", "reasoning"]
-                .into_iter()
-                .zip(tokens)
-            {
+            for (kind, count) in TOKEN_KINDS.into_iter().zip(tokens) {
                 counter!(TOKENS, "cloud" => cloud, "kind" => kind).increment(*count);
             }
             counter!(GROSS_MICROS, "cloud" => cloud).increment(u64::try_from(*gross).unwrap_or(0));

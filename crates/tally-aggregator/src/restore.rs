@@ -102,6 +102,7 @@ pub(crate) fn rebuild_partition(
         let mut next_offset = low_water;
         let mut last_progress = Instant::now();
         loop {
+            settings.health.beat();
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(message)) => {
                     last_progress = Instant::now();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tally_core::config::Config;
 use tally_core::contracts::Contracts;
+use tally_core::health::Health;
 use tally_core::partition::PartitionParams;
 use tally_core::validate::ValidationLimits;
 use tally_core::window::WindowSize;
@@ -88,6 +89,10 @@ pub struct AggregatorSettings {
     pub abort_every: Option<NonZeroU32>,
     /// Exit once every partition settled for this long (see [`AggregateArgs`]).
     pub exit_after_idle: Option<Duration>,
+    /// Liveness and readiness, reported by the loop (shared by every clone of these
+    /// settings): a beat per poll-loop iteration and per restore poll; restoring while
+    /// an assignment is taken, running after it; see `tally_core::health`.
+    pub health: Health,
 }
 
 impl AggregatorSettings {
@@ -106,6 +111,7 @@ impl AggregatorSettings {
             commit_interval,
             abort_every: None,
             exit_after_idle: None,
+            health: Health::new(),
         }
     }
 

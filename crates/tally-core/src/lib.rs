@@ -12,6 +12,7 @@ pub mod config;
 pub mod contracts;
 pub mod dedupe;
 pub mod event;
+pub mod health;
 pub mod identity;
 pub mod money;
 pub mod partition;

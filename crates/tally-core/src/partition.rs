@@ -249,6 +249,17 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
+    /// Every reason, for pre-registering metrics.
+    pub const ALL: [RejectReason; 7] = [
+        RejectReason::UnknownCloud,
+        RejectReason::UnknownStatus,
+        RejectReason::EventTimeOutOfRange,
+        RejectReason::NoPriceInForce,
+        RejectReason::UnknownModel,
+        RejectReason::NoShareRulesInForce,
+        RejectReason::PaneTokenLimit,
+    ];
+
     /// Stable, low-cardinality label (DLQ header, metric label).
     pub const fn as_str(self) -> &'static str {
         match self {

@@ -86,6 +86,11 @@ pub struct GeneratorArgs {
     /// Where to write the ground truth (pretty JSON).
     #[arg(long)]
     pub truth: Option<PathBuf>,
+    /// Keep serving `/metrics`, `/healthz` and `/readyz` this long after the run
+    /// ended (the ground truth written, `/readyz` 503), so a scraper sees the final
+    /// counts of a short run.
+    #[arg(long, default_value_t = 0)]
+    pub metrics_linger_ms: u64,
 }
 
 /// Why generator arguments are unusable.

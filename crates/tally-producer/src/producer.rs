@@ -51,13 +51,22 @@
 //!
 //! # Metrics
 //!
-//! Counters named in [`metric_names`], described by [`describe_metrics`], with no labels.
+//! Recorded through the `metrics` facade, so a gateway that installs an exporter gets
+//! them; names in [`metric_names`], HELP text from [`describe_metrics`]:
+//! records enqueued (sent), delivered, delivery failures by `reason` (one of
+//! [`FAILURE_REASONS`]), queue-full waits, the queue depth (enqueued, neither delivered
+//! nor failed yet) and the delivery latency histogram (enqueue to the broker's
+//! acknowledgement or the failure; give the exporter
+//! [`DELIVERY_LATENCY_SECONDS_BUCKETS`], or it renders a summary). Every series exists
+//! at 0 from the moment a producer is created, so dashboards and alerts see them before
+//! the first record. The hot path uses handles registered at creation: no labelled
+//! macro per record.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use metrics::Counter;
+use metrics::{Counter, Gauge, Histogram};
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -75,10 +84,54 @@ pub mod metric_names {
     pub const RECORDS_ENQUEUED: &str = "tally_producer_records_enqueued_total";
     /// Records the broker acknowledged.
     pub const RECORDS_DELIVERED: &str = "tally_producer_records_delivered_total";
-    /// Records that failed delivery (after librdkafka's retries, or purged).
+    /// Records that failed delivery (after librdkafka's retries, or purged), by
+    /// `reason`.
     pub const DELIVERY_FAILURES: &str = "tally_producer_delivery_failures_total";
     /// Times `send` found the local queue full and waited.
     pub const QUEUE_FULL_WAITS: &str = "tally_producer_queue_full_waits_total";
+    /// Records enqueued and neither delivered nor failed yet.
+    pub const QUEUE_DEPTH: &str = "tally_producer_queue_records";
+    /// Seconds from enqueueing a record to its delivery report.
+    pub const DELIVERY_LATENCY: &str = "tally_producer_delivery_latency_seconds";
+}
+
+/// Buckets of [`metric_names::DELIVERY_LATENCY`], seconds: from a record acknowledged
+/// within a linger (5 ms) to librdkafka's default message timeout (300 s).
+pub const DELIVERY_LATENCY_SECONDS_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 300.0,
+];
+
+/// The `reason` label values of [`metric_names::DELIVERY_FAILURES`].
+pub const FAILURE_REASONS: [&str; 7] = [
+    "timed_out",
+    "purged",
+    "too_large",
+    "unknown_topic",
+    "not_authorized",
+    "fatal",
+    "other",
+];
+
+/// The `reason` of a failed delivery, from librdkafka's error code (never its text).
+pub fn failure_reason(error: &KafkaError) -> &'static str {
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageTimedOut) => "timed_out",
+        Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight) => "purged",
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize) => {
+            "too_large"
+        }
+        Some(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownPartition,
+        ) => "unknown_topic",
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed,
+        ) => "not_authorized",
+        Some(RDKafkaErrorCode::Fatal) => "fatal",
+        _ => "other",
+    }
 }
 
 /// Registers HELP text for the producer's metrics with the installed recorder.
@@ -93,11 +146,20 @@ pub fn describe_metrics() {
     );
     metrics::describe_counter!(
         metric_names::DELIVERY_FAILURES,
-        "Records that failed delivery."
+        "Records that failed delivery, by reason."
     );
     metrics::describe_counter!(
         metric_names::QUEUE_FULL_WAITS,
         "Times a send waited because the local queue was full."
+    );
+    metrics::describe_gauge!(
+        metric_names::QUEUE_DEPTH,
+        "Records enqueued and neither delivered nor failed yet."
+    );
+    metrics::describe_histogram!(
+        metric_names::DELIVERY_LATENCY,
+        metrics::Unit::Seconds,
+        "Seconds from enqueueing a record to its delivery report."
     );
 }
 
@@ -230,21 +292,59 @@ struct DeliveryTracker {
     failed: AtomicU64,
     first_failure: Mutex<Option<KafkaError>>,
     fatal: AtomicBool,
+    /// Origin of the enqueue times carried as delivery opaques (µs after it).
+    created: Instant,
     delivered_counter: Counter,
-    failed_counter: Counter,
+    /// One per [`FAILURE_REASONS`] entry, in that order.
+    failed_counters: [Counter; FAILURE_REASONS.len()],
+    queue_depth: Gauge,
+    latency: Histogram,
 }
 
 impl DeliveryTracker {
     fn new() -> DeliveryTracker {
+        let failed_counters = FAILURE_REASONS
+            .map(|reason| metrics::counter!(metric_names::DELIVERY_FAILURES, "reason" => reason));
+        for counter in &failed_counters {
+            counter.increment(0);
+        }
+        let delivered_counter = metrics::counter!(metric_names::RECORDS_DELIVERED);
+        delivered_counter.increment(0);
+        let queue_depth = metrics::gauge!(metric_names::QUEUE_DEPTH);
+        queue_depth.set(0.0);
         DeliveryTracker {
             enqueued: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             first_failure: Mutex::new(None),
             fatal: AtomicBool::new(false),
-            delivered_counter: metrics::counter!(metric_names::RECORDS_DELIVERED),
-            failed_counter: metrics::counter!(metric_names::DELIVERY_FAILURES),
+            created: Instant::now(),
+            delivered_counter,
+            failed_counters,
+            queue_depth,
+            latency: metrics::histogram!(metric_names::DELIVERY_LATENCY),
         }
+    }
+
+    /// The delivery opaque of a record enqueued now: µs since `created`.
+    fn enqueue_stamp(&self) -> usize {
+        usize::try_from(self.created.elapsed().as_micros()).unwrap_or(usize::MAX)
+    }
+
+    /// Records one delivery report of a record stamped `stamp`.
+    fn record_latency(&self, stamp: usize) {
+        let now = self.created.elapsed().as_micros();
+        let micros = now.saturating_sub(stamp as u128);
+        self.latency.record(micros as f64 / 1_000_000.0);
+    }
+
+    /// Sets the queue-depth gauge from the counts.
+    fn update_queue_depth(&self) {
+        let stats = self.stats();
+        let depth = stats
+            .enqueued
+            .saturating_sub(stats.delivered.saturating_add(stats.failed));
+        self.queue_depth.set(depth as f64);
     }
 
     fn keep_failure(&self, error: &KafkaError) {
@@ -316,9 +416,11 @@ impl ClientContext for DeliveryTracker {
 }
 
 impl ProducerContext for DeliveryTracker {
-    type DeliveryOpaque = ();
+    /// When the record was enqueued ([`DeliveryTracker::enqueue_stamp`]).
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, stamp: usize) {
+        self.record_latency(stamp);
         match result {
             Ok(_) => {
                 self.delivered.fetch_add(1, Ordering::AcqRel);
@@ -327,9 +429,15 @@ impl ProducerContext for DeliveryTracker {
             Err((error, _)) => {
                 self.keep_failure(error);
                 self.failed.fetch_add(1, Ordering::AcqRel);
-                self.failed_counter.increment(1);
+                let reason = failure_reason(error);
+                let index = FAILURE_REASONS
+                    .iter()
+                    .position(|known| *known == reason)
+                    .unwrap_or(FAILURE_REASONS.len() - 1);
+                self.failed_counters[index].increment(1);
             }
         }
+        self.update_queue_depth();
     }
 }
 
@@ -422,13 +530,17 @@ impl UsageProducer {
         let inner: ThreadedProducer<DeliveryTracker> = config
             .create_with_context(DeliveryTracker::new())
             .map_err(ProduceError::Create)?;
+        let enqueued_counter = metrics::counter!(metric_names::RECORDS_ENQUEUED);
+        enqueued_counter.increment(0);
+        let queue_full_counter = metrics::counter!(metric_names::QUEUE_FULL_WAITS);
+        queue_full_counter.increment(0);
         Ok(UsageProducer {
             inner,
             topic: Arc::from(options.topic.as_str()),
             schema: options.schema,
             queue_full_timeout: options.queue_full_timeout,
-            enqueued_counter: metrics::counter!(metric_names::RECORDS_ENQUEUED),
-            queue_full_counter: metrics::counter!(metric_names::QUEUE_FULL_WAITS),
+            enqueued_counter,
+            queue_full_counter,
         })
     }
 
@@ -489,9 +601,10 @@ impl UsageProducer {
                 .unwrap_or(KafkaError::MessageProduction(RDKafkaErrorCode::Fatal));
             return Err(ProduceError::Fatal(error));
         }
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic)
-            .payload(payload)
-            .timestamp(timestamp_ms);
+        let mut record: BaseRecord<'_, [u8], [u8], usize> =
+            BaseRecord::with_opaque_to(&self.topic, tracker.enqueue_stamp())
+                .payload(payload)
+                .timestamp(timestamp_ms);
         if let Some(key) = key {
             record = record.key(key);
         }
@@ -505,6 +618,7 @@ impl UsageProducer {
                 Ok(()) => {
                     tracker.enqueued.fetch_add(1, Ordering::AcqRel);
                     self.enqueued_counter.increment(1);
+                    tracker.update_queue_depth();
                     return Ok(());
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
@@ -663,6 +777,25 @@ mod tests {
             assert!(
                 matches!(error, ProduceError::ConflictingSetting { key: found, .. } if found == key)
             );
+        }
+    }
+
+    #[test]
+    fn failure_reasons_come_from_the_error_code() {
+        let cases = [
+            (RDKafkaErrorCode::MessageTimedOut, "timed_out"),
+            (RDKafkaErrorCode::PurgeQueue, "purged"),
+            (RDKafkaErrorCode::PurgeInflight, "purged"),
+            (RDKafkaErrorCode::MessageSizeTooLarge, "too_large"),
+            (RDKafkaErrorCode::UnknownTopicOrPartition, "unknown_topic"),
+            (RDKafkaErrorCode::TopicAuthorizationFailed, "not_authorized"),
+            (RDKafkaErrorCode::Fatal, "fatal"),
+            (RDKafkaErrorCode::InvalidRecord, "other"),
+        ];
+        for (code, reason) in cases {
+            let error = KafkaError::MessageProduction(code);
+            assert_eq!(failure_reason(&error), reason, "{code:?}");
+            assert!(FAILURE_REASONS.contains(&reason));
         }
     }
 

@@ -3,9 +3,13 @@
 //! Names follow `tally_sink_<name>_<unit>[_total]`. Labels come from small fixed sets:
 //! `kind` (the retry kinds of [`crate::error::Retry`]: connection, serialization,
 //! deadlock, busy, io) and `partition` (bounded by the aggregates topic's partition
-//! count). Counters are updated once per committed batch.
+//! count). Counters are updated once per committed batch. [`register_zero`] creates
+//! every series with a fixed label set at 0 at start, so dashboards and alerts see them
+//! before the first batch (the per-partition lag appears with the assignment).
 
-use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 
 /// Rows inserted into the store (new ids).
 pub const ROWS_WRITTEN: &str = "tally_sink_rows_written_total";
@@ -26,6 +30,32 @@ pub const LAG: &str = "tally_sink_consumer_lag_records";
 pub const LAST_COMMIT_AGE: &str = "tally_sink_last_commit_age_seconds";
 /// 1 while the partitions are paused because the database is unavailable.
 pub const PAUSED: &str = "tally_sink_paused";
+
+/// Every `kind` of [`DB_RETRIES`]: the transient kinds of [`crate::error::Retry`] and
+/// `other`.
+pub const RETRY_KINDS: [&str; 7] = [
+    "connection",
+    "timeout",
+    "serialization",
+    "deadlock",
+    "busy",
+    "io",
+    "other",
+];
+
+/// Creates every series with a fixed label set at 0 (call once, after installing a
+/// recorder).
+pub fn register_zero() {
+    for name in [ROWS_WRITTEN, ROWS_IDENTICAL, BATCHES, CONFLICTS] {
+        counter!(name).increment(0);
+    }
+    for kind in RETRY_KINDS {
+        counter!(DB_RETRIES, "kind" => kind).increment(0);
+    }
+    gauge!(PAUSED).set(0.0);
+    gauge!(LAST_COMMIT_AGE).set(0.0);
+    let _ = histogram!(DB_TRANSACTION);
+}
 
 /// Buckets of the transaction-latency histogram, seconds.
 pub const DB_TRANSACTION_SECONDS_BUCKETS: [f64; 12] = [

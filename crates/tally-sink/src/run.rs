@@ -23,6 +23,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tally_aggregator::kafka::{client_config, default_fetch_backoff, is_authentication_failure};
 use tally_core::codec::decode_aggregate;
 use tally_core::config::{Config, SinkConfig};
+use tally_core::health::{Health, Phase};
 use tracing::{debug, error, info, warn};
 
 use crate::error::{Retry, SinkError};
@@ -97,6 +98,10 @@ pub struct SinkSettings {
     pub retry_max_backoff: Duration,
     /// See [`SinkArgs::exit_after_idle_ms`].
     pub exit_after_idle: Option<Duration>,
+    /// Liveness and readiness, reported by the loop: a beat per poll, running once
+    /// partitions are assigned with the store's offsets, the database unavailable
+    /// while a batch waits out an outage; see `tally_core::health`.
+    pub health: Health,
 }
 
 impl SinkSettings {
@@ -159,6 +164,7 @@ impl SinkSettings {
             db_timeout: Duration::from_millis(sink.db_timeout_ms),
             retry_max_backoff: Duration::from_millis(sink.retry_max_backoff_ms),
             exit_after_idle: args.exit_after_idle_ms.map(Duration::from_millis),
+            health: Health::new(),
         })
     }
 }
@@ -198,6 +204,8 @@ struct Shared {
     epoch: u64,
     /// An error raised inside the callback, reported by the loop.
     deferred: Option<SinkError>,
+    /// Running once an assignment was taken.
+    health: Health,
 }
 
 struct SinkContext {
@@ -290,6 +298,8 @@ impl ConsumerContext for SinkContext {
                         operation: "assign",
                         source,
                     });
+                } else {
+                    shared.health.set_phase(Phase::Running);
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -344,6 +354,7 @@ pub fn run(settings: SinkSettings, shutdown: Arc<AtomicBool>) -> Result<SinkSumm
             owned: BTreeMap::new(),
             epoch: 0,
             deferred: None,
+            health: settings.health.clone(),
         }),
     };
     let consumer: BaseConsumer<SinkContext> = consumer_config(&settings)
@@ -440,6 +451,7 @@ impl Loop<'_> {
                     .min(POLL_TIMEOUT),
                 None => POLL_TIMEOUT,
             };
+            self.settings.health.beat();
             let polled = self.consumer.poll(timeout);
             self.check_deferred()?;
             match polled {
@@ -710,6 +722,7 @@ impl Loop<'_> {
                 })?;
             self.paused = true;
             gauge!(m::PAUSED).set(1.0);
+            self.settings.health.set_database_available(false);
         }
         let until = Instant::now() + *backoff;
         while Instant::now() < until {
@@ -719,6 +732,7 @@ impl Loop<'_> {
             }
             // Paused partitions deliver nothing new; a record already queued is kept
             // for the next batch.
+            self.settings.health.beat();
             if let Some(Ok(message)) = self.consumer.poll(POLL_TIMEOUT) {
                 self.on_message(&message)?;
             }
@@ -742,6 +756,7 @@ impl Loop<'_> {
         }
         self.paused = false;
         gauge!(m::PAUSED).set(0.0);
+        self.settings.health.set_database_available(true);
         info!("database available again, consumption resumed");
     }
 

@@ -82,6 +82,9 @@ impl Engine {
         // transaction to end, which can take up to its transaction timeout. Our own open
         // transaction would time out meanwhile and the coordinator's epoch bump would
         // fence this producer, so commit it first.
+        self.settings
+            .health
+            .set_phase(tally_core::health::Phase::Restoring);
         if self.in_transaction {
             self.commit(consumer)?;
         }
@@ -203,6 +206,9 @@ impl Engine {
             info!(partition, offset = owned.next_offset, "partition assigned");
             self.partitions.insert(partition, owned);
         }
+        self.settings
+            .health
+            .set_phase(tally_core::health::Phase::Running);
         Ok(())
     }
 

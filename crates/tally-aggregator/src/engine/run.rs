@@ -237,6 +237,9 @@ fn start_incarnation(
     settings: AggregatorSettings,
     workers: Option<Arc<rayon::ThreadPool>>,
 ) -> Result<(BaseConsumer<AggregatorContext>, Arc<AggregatorContext>), AggregatorError> {
+    settings
+        .health
+        .set_phase(tally_core::health::Phase::Starting);
     let producer: BaseProducer<ProducerCallbacks> = producer_config(&settings)
         .create_with_context(ProducerCallbacks::new())
         .map_err(|source| AggregatorError::Kafka {
@@ -389,6 +392,7 @@ fn drive(
             return Err(error);
         }
         let mut engine = context.engine()?;
+        engine.settings.health.beat();
         let processed = engine.on_batch(&batch, now);
         batch.clear();
         processed?;
