@@ -18,6 +18,12 @@
 //! windows, so a batch touches a few hundred roll-up lines), continuing the offsets of
 //! the previous batch. Building the batch is not timed.
 //!
+//! The machine is shared, so besides criterion's wall-clock figures each case prints
+//! rows per CPU second: the CPU the writing thread used (client encoding; for SQLite
+//! the whole database work) plus, for PostgreSQL, the CPU of the sink session's server
+//! process (found by its `application_name` in `pg_stat_activity`), both read from
+//! `/proc` around every batch.
+//!
 //! `cargo bench --bench sink_store`; under `cargo test --benches` every case runs once.
 //! Needs `TALLY_TEST_PG_URL` (deploy/local/postgres.sh start); the bench creates its own
 //! database there and an SQLite file in a temp dir (`TALLY_BENCH_DIR` to put it
@@ -180,10 +186,43 @@ const PRELOAD_ROLLUPS: &str = "INSERT INTO tally_rollup_15m (bucket_start_ms, te
      sum(output_tokens), sum(reasoning_tokens), sum(gross_micros), sum(net_micros) \
      FROM tally_rows GROUP BY 1, 2, 3, 4, 5, 6, 7, 8";
 
+/// CPU time of a thread or process from its `/proc/…/stat` (utime + stime), in clock
+/// ticks; None where /proc is not there.
+fn cpu_ticks(stat_path: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(stat_path).ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+fn clock_ticks_per_second() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// Rows, wall time and CPU ticks (writer thread, database server process) so far.
+#[derive(Default)]
+struct Tally {
+    rows: i64,
+    wall: Duration,
+    client_ticks: u64,
+    server_ticks: u64,
+}
+
 fn bench_store(c: &mut Criterion, name: &str, location: &StoreLocation) {
     let mut store = Store::open(location, Duration::from_secs(60)).expect("open the store");
+    // The store's own session is the newest tally-sink session of the database.
+    let server_stat = newest_sink_session(location).map(|pid| format!("/proc/{pid}/stat"));
     let rows_per_batch = batch_rows();
     let next = Cell::new(0_i64);
+    let tally = std::cell::RefCell::new(Tally::default());
     let mut group = c.benchmark_group("sink_store");
     group.throughput(Throughput::Elements(
         u64::try_from(rows_per_batch).unwrap_or(0),
@@ -195,9 +234,19 @@ fn bench_store(c: &mut Criterion, name: &str, location: &StoreLocation) {
             for _ in 0..iterations {
                 let start = next.get();
                 let rows = batch(start, rows_per_batch);
+                let client_before = cpu_ticks("/proc/thread-self/stat").unwrap_or(0);
+                let server_before = server_stat.as_deref().and_then(cpu_ticks).unwrap_or(0);
                 let began = Instant::now();
                 let outcome = store.write_batch(&rows).expect("write a batch");
-                total += began.elapsed();
+                let elapsed = began.elapsed();
+                total += elapsed;
+                let mut sums = tally.borrow_mut();
+                sums.rows += rows_per_batch;
+                sums.wall += elapsed;
+                sums.client_ticks +=
+                    cpu_ticks("/proc/thread-self/stat").unwrap_or(0) - client_before;
+                sums.server_ticks +=
+                    server_stat.as_deref().and_then(cpu_ticks).unwrap_or(0) - server_before;
                 assert_eq!(outcome.inserted, u64::try_from(rows_per_batch).unwrap_or(0));
                 next.set(start + rows_per_batch);
             }
@@ -205,7 +254,50 @@ fn bench_store(c: &mut Criterion, name: &str, location: &StoreLocation) {
         });
     });
     group.finish();
-    eprintln!("{name}: {} rows written after the preload", next.get());
+    let sums = tally.into_inner();
+    let hz = clock_ticks_per_second() as f64;
+    let client_s = sums.client_ticks as f64 / hz;
+    let server_s = sums.server_ticks as f64 / hz;
+    let rows = sums.rows as f64;
+    eprintln!(
+        "{name}: {} rows in {:?} of batches ({:.0} rows/s wall); CPU: writer thread {client_s:.2} s, \
+         database server {server_s:.2} s, {:.0} rows per CPU second",
+        sums.rows,
+        sums.wall,
+        rows / sums.wall.as_secs_f64().max(f64::MIN_POSITIVE),
+        rows / (client_s + server_s).max(f64::MIN_POSITIVE),
+    );
+}
+
+/// The server pid of the newest `tally-sink` session on a PostgreSQL location.
+fn newest_sink_session(location: &StoreLocation) -> Option<u32> {
+    let StoreLocation::Postgres(url) = location else {
+        return None;
+    };
+    let database = url.rsplit_once('/')?.1.to_owned();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .ok()?;
+        let driver = tokio::spawn(connection);
+        let pid = client
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = $2 \
+                 ORDER BY backend_start DESC LIMIT 1",
+                &[&database, &tally_sink::APPLICATION_NAME],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|row| row.get::<_, i32>(0));
+        drop(client);
+        let _ = driver.await;
+        u32::try_from(pid?).ok()
+    })
 }
 
 fn sqlite(c: &mut Criterion) {

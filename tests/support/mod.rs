@@ -7,6 +7,7 @@ pub mod kill;
 pub mod money;
 pub mod prometheus;
 pub mod sink;
+pub mod sink_soak;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
