@@ -27,7 +27,9 @@
 //! `cargo bench --bench sink_store`; under `cargo test --benches` every case runs once.
 //! Needs `TALLY_TEST_PG_URL` (deploy/local/postgres.sh start); the bench creates its own
 //! database there and an SQLite file in a temp dir (`TALLY_BENCH_DIR` to put it
-//! elsewhere), and prints the preload's duration.
+//! elsewhere), and prints the preload's duration. `TALLY_BENCH_PG_DATABASE=bench_…`
+//! measures again in a database an earlier run preloaded (its name is printed), with
+//! no preload, e.g. after changing a server setting.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -221,7 +223,14 @@ fn bench_store(c: &mut Criterion, name: &str, location: &StoreLocation) {
     // The store's own session is the newest tally-sink session of the database.
     let server_stat = newest_sink_session(location).map(|pid| format!("/proc/{pid}/stat"));
     let rows_per_batch = batch_rows();
-    let next = Cell::new(0_i64);
+    // A reused store continues after the rows an earlier run wrote.
+    let written = store
+        .load_offsets("billing.aggregates")
+        .expect("load offsets")
+        .get(&0)
+        .copied()
+        .unwrap_or(0);
+    let next = Cell::new(written);
     let tally = std::cell::RefCell::new(Tally::default());
     let mut group = c.benchmark_group("sink_store");
     group.throughput(Throughput::Elements(
@@ -336,8 +345,13 @@ fn postgres(c: &mut Criterion) {
             "sink_store needs PostgreSQL: set TALLY_TEST_PG_URL (deploy/local/postgres.sh start)"
         ),
     };
+    // TALLY_BENCH_PG_DATABASE names a database an earlier run preloaded (it printed
+    // the name) to measure again without the preload, e.g. after a server setting.
+    let reuse = std::env::var("TALLY_BENCH_PG_DATABASE").ok();
     let suffix: u64 = rand::random();
-    let name = format!("bench_{suffix:016x}");
+    let name = reuse
+        .clone()
+        .unwrap_or_else(|| format!("bench_{suffix:016x}"));
     let (base, _) = url.rsplit_once('/').expect("a database in the URL");
     let bench_url = format!("{base}/{name}");
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -355,8 +369,13 @@ fn postgres(c: &mut Criterion) {
             let _ = driver.await;
         });
     };
-    execute(&url, &format!("CREATE DATABASE {name}"));
     let location = StoreLocation::Postgres(bench_url.clone());
+    if reuse.is_some() {
+        eprintln!("postgres: measuring in the existing database {name}");
+        bench_store(c, "postgres", &location);
+        return;
+    }
+    execute(&url, &format!("CREATE DATABASE {name}"));
     drop(Store::open(&location, Duration::from_secs(60)).expect("open the store"));
     let preload = preload_rows();
     let began = Instant::now();
@@ -378,7 +397,7 @@ fn postgres(c: &mut Criterion) {
     execute(&bench_url, "VACUUM ANALYZE tally_rows");
     execute(&bench_url, "VACUUM ANALYZE tally_rollup_15m");
     eprintln!(
-        "postgres: preloaded {preload} rows in {:?}",
+        "postgres: preloaded {preload} rows into database {name} in {:?}",
         began.elapsed()
     );
     bench_store(c, "postgres", &location);

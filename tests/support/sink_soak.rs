@@ -121,6 +121,7 @@ impl SinkSoak {
             Ok(done) => done,
             Err(panic) => std::panic::resume_unwind(panic),
         };
+        let read_began = Instant::now();
         let records = read_committed(
             bootstrap,
             &topics.billing_aggregates,
@@ -131,6 +132,7 @@ impl SinkSoak {
             let end = ends.entry(i64::from(record.partition)).or_insert(0);
             *end = (*end).max(record.offset + 1);
         }
+        let read = read_began.elapsed();
         let caught_up = Instant::now();
         loop {
             let offsets = pg_offsets(&self.url);
@@ -163,7 +165,10 @@ impl SinkSoak {
         let exit = super::sink::wait_exit(&mut sink.child, Duration::from_secs(30));
         assert!(exit.success(), "sink exit after SIGTERM: {exit}");
 
+        let stopped = caught_up.elapsed() - catch_up;
+        let checks_began = Instant::now();
         let snapshot = pg_snapshot(&self.url);
+        let snapshot_read = checks_began.elapsed();
         assert_store_equals(&snapshot, &records);
         let (rows, distinct) = pg_row_and_id_counts(&self.url);
         assert_eq!(rows, distinct, "no id stored twice");
@@ -171,9 +176,11 @@ impl SinkSoak {
         assert_rollups_equal_truth(&snapshot, truth);
         assert_rollup_money_recomputed(&snapshot, contracts);
         eprintln!(
-            "sink soak: {report:?}, {} rows, catch-up after the aggregator {catch_up:?}, sink \
-             wall time {:?}",
+            "sink soak: {report:?}, {} rows; after the aggregator: topic read {read:?}, \
+             catch-up {catch_up:?}, SIGTERM exit {stopped:?}, store read {snapshot_read:?}, \
+             checks {:?}; sink wall time {:?}",
             records.len(),
+            checks_began.elapsed() - snapshot_read,
             self.started.elapsed()
         );
         assert_eq!(report.kills, SINK_KILLS, "{report:?}");
