@@ -48,6 +48,7 @@ use support::kill::{
     verify_against_truth,
 };
 use support::prometheus::{Exposition, counter, try_scrape};
+use support::sink_soak::SinkSoak;
 use tally_aggregator::Checkpoint;
 use tally_core::codec::decode_aggregate;
 use tally_gen::GroundTruth;
@@ -473,6 +474,8 @@ fn crash_soak_with_sigkills_matches_ground_truth() {
 
     let deployment = Deployment::new(dir.path(), &input, &[]);
     let reader = ConcurrentReader::start(&bootstrap, &deployment.topics.billing_aggregates);
+    // The sink loads the output into PostgreSQL meanwhile and is killed too.
+    let sink = SinkSoak::start(dir.path(), &deployment.topics, 0x51c4);
     let plan = KillPlan {
         seed: 0x50a4,
         kills,
@@ -507,6 +510,12 @@ fn crash_soak_with_sigkills_matches_ground_truth() {
     );
     assert!(restored > 0, "restarts re-read input to rebuild state");
     assert_concurrent_view(&seen, &verification.multiset);
+    let sink_began = Instant::now();
+    sink.finish(&bootstrap, &deployment.topics, &truth, &load_contracts());
+    eprintln!(
+        "soak: sink catch-up and checks took {:?}",
+        sink_began.elapsed()
+    );
     assert_restore_is_bounded(&report.restores);
     support::replay::after_soak(
         &deployment.config,

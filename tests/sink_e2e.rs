@@ -8,7 +8,9 @@
 //! Checked after every load, from a read_committed read of billing.aggregates and SQL
 //! run by the test: the store holds exactly the topic's rows (ids, SHA-256 of the
 //! record bytes, and the decoded fields), each once, and the 15-minute roll-ups and
-//! share roll-ups equal the sums the test computes from the decoded records.
+//! share roll-ups equal the sums the test computes from the decoded records, the
+//! generator's token truth per bucket and dims, and money recomputed from each row's
+//! tokens and the contracts (tests/support/money.rs).
 
 mod support;
 
@@ -22,6 +24,7 @@ use support::eos::{
     ChildConfig, ReadRecord, create_outputs, free_port, fresh_outputs, produce_generated,
     read_committed, verify_against_truth,
 };
+use support::money::TruthContracts;
 use support::prometheus::{parse, scrape};
 use support::rand_name;
 use support::sink::{
@@ -29,10 +32,12 @@ use support::sink::{
     pg_row_count, pg_snapshot, sink_config, sqlite_row_count, sqlite_snapshot, wait_exit,
     wait_for_rows,
 };
+use support::sink_soak::{assert_rollup_money_recomputed, assert_rollups_equal_truth};
 
 /// The aggregated input every load test reads.
 struct Fixture {
     topics: TestTopics,
+    truth: tally_gen::GroundTruth,
     records: Vec<ReadRecord>,
     dir: tempfile::TempDir,
 }
@@ -86,6 +91,7 @@ fn fixture() -> &'static Fixture {
         eprintln!("fixture: {} rows in {:?}", records.len(), started.elapsed());
         Fixture {
             topics,
+            truth: input.truth,
             records,
             dir,
         }
@@ -135,7 +141,7 @@ fn postgres_store_equals_the_topic_and_rollups_equal_the_rows() {
     let exit = wait_exit(&mut sink.child, Duration::from_secs(30));
     assert!(exit.success(), "sink exit after SIGTERM: {exit}");
 
-    assert_store_equals(&pg_snapshot(&url), &fixture.records);
+    assert_store_matches_everything(&pg_snapshot(&url), fixture);
 
     // A second sink of another group over the same store reads everything again
     // from the store's offsets: nothing to do, nothing changes.
@@ -214,6 +220,33 @@ fn sqlite_store_survives_a_sigkill_mid_run() {
     );
     let exit = wait_exit(&mut restarted.child, RUN_TIMEOUT);
     assert!(exit.success(), "restarted sink: {exit}");
-    assert_store_equals(&sqlite_snapshot(&path), &fixture.records);
+    assert_store_matches_everything(&sqlite_snapshot(&path), fixture);
     eprintln!("sqlite test took {:?}", started.elapsed());
+}
+
+/// The store equals the topic, and its roll-ups equal the generator's truth and the
+/// recomputed money.
+fn assert_store_matches_everything(snapshot: &support::sink::Snapshot, fixture: &Fixture) {
+    assert_store_equals(snapshot, &fixture.records);
+    assert_rollups_equal_truth(snapshot, &fixture.truth);
+    assert_rollup_money_recomputed(snapshot, &TruthContracts::default_file());
+}
+
+#[test]
+fn sqlite_store_equals_the_topic_in_one_uninterrupted_run() {
+    let fixture = fixture();
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("billing.db");
+    let database = format!("sqlite:{}", path.display());
+    let mut sink = SinkProcess::spawn(
+        &config_without_metrics(fixture),
+        &database,
+        &rand_name("sink-sqlite-happy"),
+        &["--exit-after-idle-ms", "1000"],
+    );
+    let exit = wait_exit(&mut sink.child, RUN_TIMEOUT);
+    assert!(exit.success(), "sink: {exit}");
+    assert_store_matches_everything(&sqlite_snapshot(&path), fixture);
+    eprintln!("sqlite happy path took {:?}", started.elapsed());
 }

@@ -10,6 +10,7 @@ pub mod ops;
 pub mod prometheus;
 pub mod replay;
 pub mod sink;
+pub mod sink_soak;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -65,7 +65,7 @@ pub mod statement;
 pub mod store;
 
 pub use error::SinkError;
-pub use pg::PgStore;
+pub use pg::{APPLICATION_NAME, COMMIT_DELAY_ENV, PgStore};
 pub use run::{SinkArgs, SinkSettings, SinkSummary, run};
 pub use sqlite::SqliteStore;
 pub use store::{Batch, BatchOutcome, OffsetAdvance, Store, StoreLocation};

@@ -1,6 +1,15 @@
-//! PostgreSQL: batched writes with `unnest` arrays (one statement per table and batch,
-//! whatever the batch size), on a private single-threaded runtime so the API blocks
+//! PostgreSQL: batched writes on a private single-threaded runtime so the API blocks
 //! like SQLite's and can be called from the sink's Kafka thread.
+//!
+//! A batch's rows go in with binary `COPY` (the cheapest way into PostgreSQL: no SQL
+//! text, no array parameters, one stream) into a per-connection staging table,
+//! `tally_rows_staging` (a temporary table shaped like `tally_rows`, without indexes,
+//! emptied at every COMMIT), then `INSERT INTO tally_rows … SELECT … FROM
+//! tally_rows_staging ON CONFLICT (id) DO NOTHING RETURNING id` moves them into the
+//! store; COPY alone cannot skip existing ids. The ids not returned are compared
+//! with their stored digests (equal: a no-op; different: a conflict). Shares and the
+//! roll-up upserts are computed from the inserted rows only and sent as `unnest`
+//! arrays, one statement per table, roll-up lines in key order.
 //!
 //! Every round trip is bounded by the store's timeout; on a timeout or a broken
 //! connection the client is dropped and the next call reconnects. The transaction runs
@@ -13,7 +22,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::time::Duration;
 
-use tokio_postgres::types::ToSql;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};
 use tracing::debug;
 
@@ -62,7 +72,21 @@ pub struct PgStore {
     url: String,
     timeout: Duration,
     client: Option<Client>,
+    /// Whether the connection's staging table exists (it is created by the first
+    /// batch that commits on a new connection).
+    staging_ready: bool,
+    /// Test hook: a pause after a batch's writes and before its COMMIT, from
+    /// `TALLY_SINK_TEST_COMMIT_DELAY_MS` (see [`COMMIT_DELAY_ENV`]).
+    commit_delay: Option<Duration>,
 }
+
+/// Test hook: milliseconds to wait between a batch's last write and its COMMIT, so a
+/// crash test can kill the sink while a transaction is certainly open (the session is
+/// then `idle in transaction` in `pg_stat_activity`). Unset or 0 in production.
+pub const COMMIT_DELAY_ENV: &str = "TALLY_SINK_TEST_COMMIT_DELAY_MS";
+
+/// `application_name` of the sink's sessions unless the connection string sets one.
+pub const APPLICATION_NAME: &str = "tally-sink";
 
 fn pg(operation: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SinkError {
     move |source| SinkError::Postgres { operation, source }
@@ -80,6 +104,8 @@ impl PgStore {
             url: url.to_owned(),
             timeout,
             client: None,
+            staging_ready: false,
+            commit_delay: commit_delay_from_env(),
         };
         store.migrate()?;
         Ok(store)
@@ -103,6 +129,9 @@ impl PgStore {
                 config.connect_timeout(timeout);
             }
             config.keepalives(true);
+            if config.get_application_name().is_none() {
+                config.application_name(APPLICATION_NAME);
+            }
             let connect = config.connect(NoTls);
             match tokio::time::timeout(timeout, connect).await {
                 Ok(result) => result.map_err(pg("connect")),
@@ -119,6 +148,7 @@ impl PgStore {
             }
         });
         self.client = Some(client);
+        self.staging_ready = false;
         Ok(())
     }
 
@@ -202,7 +232,16 @@ impl PgStore {
         batch: &Batch,
         plan: &BatchPlan,
     ) -> Result<BatchOutcome, SinkError> {
-        with_client!(self, "write a batch", |client| write(client, batch, plan))
+        self.ensure_connected()?;
+        let options = WriteOptions {
+            create_staging: !self.staging_ready,
+            commit_delay: self.commit_delay,
+        };
+        let outcome = with_client!(self, "write a batch", |client| write(
+            client, batch, plan, options
+        ))?;
+        self.staging_ready = true;
+        Ok(outcome)
     }
 
     pub(crate) fn rollup_lines(
@@ -284,119 +323,128 @@ fn rollup_key(row: &tokio_postgres::Row) -> RollupKey {
     }
 }
 
-/// Column arrays of `tally_rows` for one `unnest` insert.
-#[derive(Default)]
-struct RowColumns<'a> {
-    id: Vec<&'a str>,
-    digest: Vec<&'a str>,
-    window_start_ms: Vec<i64>,
-    window_end_ms: Vec<i64>,
-    tenant_id: Vec<&'a str>,
-    model: Vec<&'a str>,
-    cloud: Vec<&'a str>,
-    channel_partner: Vec<Option<&'a str>>,
-    region: Vec<&'a str>,
-    row_kind: Vec<&'a str>,
-    correction_seq: Vec<i64>,
-    event_count: Vec<i64>,
-    input_tokens: Vec<i64>,
-    cached_input_tokens: Vec<i64>,
-    output_tokens: Vec<i64>,
-    reasoning_tokens: Vec<i64>,
-    currency: Vec<&'a str>,
-    gross_micros: Vec<i64>,
-    net_micros: Vec<i64>,
-    price_book_version: Vec<&'a str>,
-    share_rule_version: Vec<&'a str>,
-    source_topic: Vec<&'a str>,
-    source_partition: Vec<i64>,
-    first_offset: Vec<i64>,
-    last_offset: Vec<i64>,
-    first_event_time_ms: Vec<i64>,
-    last_event_time_ms: Vec<i64>,
-    kafka_topic: Vec<&'a str>,
-    kafka_partition: Vec<i64>,
-    kafka_offset: Vec<i64>,
+/// Reads the commit-delay test hook ([`COMMIT_DELAY_ENV`]); unset, empty, 0 or not a
+/// number: none.
+fn commit_delay_from_env() -> Option<Duration> {
+    let millis: u64 = std::env::var(COMMIT_DELAY_ENV).ok()?.trim().parse().ok()?;
+    (millis > 0).then(|| Duration::from_millis(millis))
 }
 
-impl<'a> RowColumns<'a> {
-    fn push(&mut self, stored: &'a StoredRow) -> Result<(), SinkError> {
-        use crate::rows::to_i64;
-        let row = &stored.row;
-        self.id.push(&row.id);
-        self.digest.push(&stored.digest);
-        self.window_start_ms.push(row.window_start_ms);
-        self.window_end_ms.push(row.window_end_ms);
-        self.tenant_id.push(&row.dims.tenant_id);
-        self.model.push(&row.dims.model);
-        self.cloud.push(row.dims.cloud.as_str());
-        self.channel_partner
-            .push(row.dims.channel_partner.as_deref());
-        self.region.push(&row.dims.region);
-        self.row_kind.push(row.row_kind.as_str());
-        self.correction_seq.push(i64::from(row.correction_seq));
-        self.event_count
-            .push(to_i64("event_count", row.event_count)?);
-        self.input_tokens
-            .push(to_i64("input_tokens", row.tokens.input)?);
-        self.cached_input_tokens
-            .push(to_i64("cached_input_tokens", row.tokens.cached_input)?);
-        self.output_tokens
-            .push(to_i64("output_tokens", row.tokens.output)?);
-        self.reasoning_tokens
-            .push(to_i64("reasoning_tokens", row.tokens.reasoning)?);
-        self.currency.push(&row.currency);
-        self.gross_micros.push(row.gross_micros);
-        self.net_micros.push(row.net_micros);
-        self.price_book_version.push(&row.price_book_version);
-        self.share_rule_version.push(&row.share_rule_version);
-        self.source_topic.push(&row.source_topic);
-        self.source_partition.push(i64::from(row.source_partition));
-        self.first_offset.push(row.first_offset);
-        self.last_offset.push(row.last_offset);
-        self.first_event_time_ms.push(row.first_event_time_ms);
-        self.last_event_time_ms.push(row.last_event_time_ms);
-        self.kafka_topic.push(&stored.position.topic);
-        self.kafka_partition
-            .push(i64::from(stored.position.partition));
-        self.kafka_offset.push(stored.position.offset);
-        Ok(())
-    }
+/// Per-batch choices of [`write`].
+#[derive(Debug, Clone, Copy)]
+struct WriteOptions {
+    /// Create the connection's staging table first (a new connection).
+    create_staging: bool,
+    /// Test hook: wait this long before COMMIT.
+    commit_delay: Option<Duration>,
+}
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 30] {
-        [
-            &self.id,
-            &self.digest,
-            &self.window_start_ms,
-            &self.window_end_ms,
-            &self.tenant_id,
-            &self.model,
-            &self.cloud,
-            &self.channel_partner,
-            &self.region,
-            &self.row_kind,
-            &self.correction_seq,
-            &self.event_count,
-            &self.input_tokens,
-            &self.cached_input_tokens,
-            &self.output_tokens,
-            &self.reasoning_tokens,
-            &self.currency,
-            &self.gross_micros,
-            &self.net_micros,
-            &self.price_book_version,
-            &self.share_rule_version,
-            &self.source_topic,
-            &self.source_partition,
-            &self.first_offset,
-            &self.last_offset,
-            &self.first_event_time_ms,
-            &self.last_event_time_ms,
-            &self.kafka_topic,
-            &self.kafka_partition,
-            &self.kafka_offset,
-        ]
+/// The staging table: `tally_rows`' columns without its keys and indexes, private to
+/// the session, emptied at every COMMIT (a rolled-back batch's rows go with the
+/// rollback).
+const CREATE_STAGING: &str = "CREATE TEMPORARY TABLE IF NOT EXISTS tally_rows_staging \
+     (LIKE tally_rows INCLUDING DEFAULTS) ON COMMIT DELETE ROWS";
+
+/// Column types of `tally_rows` in [`ROW_COLUMNS`] order, for binary COPY.
+const ROW_COPY_TYPES: [Type; 30] = [
+    Type::TEXT, // id
+    Type::TEXT, // digest
+    Type::INT8, // window_start_ms
+    Type::INT8, // window_end_ms
+    Type::TEXT, // tenant_id
+    Type::TEXT, // model
+    Type::TEXT, // cloud
+    Type::TEXT, // channel_partner
+    Type::TEXT, // region
+    Type::TEXT, // row_kind
+    Type::INT8, // correction_seq
+    Type::INT8, // event_count
+    Type::INT8, // input_tokens
+    Type::INT8, // cached_input_tokens
+    Type::INT8, // output_tokens
+    Type::INT8, // reasoning_tokens
+    Type::TEXT, // currency
+    Type::INT8, // gross_micros
+    Type::INT8, // net_micros
+    Type::TEXT, // price_book_version
+    Type::TEXT, // share_rule_version
+    Type::TEXT, // source_topic
+    Type::INT8, // source_partition
+    Type::INT8, // first_offset
+    Type::INT8, // last_offset
+    Type::INT8, // first_event_time_ms
+    Type::INT8, // last_event_time_ms
+    Type::TEXT, // kafka_topic
+    Type::INT8, // kafka_partition
+    Type::INT8, // kafka_offset
+];
+
+/// Streams the rows into `tally_rows_staging` with binary COPY; returns the rows
+/// copied.
+async fn copy_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    rows: impl Iterator<Item = &StoredRow>,
+) -> Result<u64, SinkError> {
+    use crate::rows::to_i64;
+    let sink = tx
+        .copy_in(&format!(
+            "COPY tally_rows_staging ({ROW_COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
+        .await
+        .map_err(pg("copy rows"))?;
+    let writer = BinaryCopyInWriter::new(sink, &ROW_COPY_TYPES);
+    let mut writer = std::pin::pin!(writer);
+    for stored in rows {
+        let row = &stored.row;
+        let cloud = row.dims.cloud.as_str();
+        let channel_partner = row.dims.channel_partner.as_deref();
+        let row_kind = row.row_kind.as_str();
+        let correction_seq = i64::from(row.correction_seq);
+        let event_count = to_i64("event_count", row.event_count)?;
+        let input_tokens = to_i64("input_tokens", row.tokens.input)?;
+        let cached_input_tokens = to_i64("cached_input_tokens", row.tokens.cached_input)?;
+        let output_tokens = to_i64("output_tokens", row.tokens.output)?;
+        let reasoning_tokens = to_i64("reasoning_tokens", row.tokens.reasoning)?;
+        let source_partition = i64::from(row.source_partition);
+        let kafka_partition = i64::from(stored.position.partition);
+        writer
+            .as_mut()
+            .write(&[
+                &row.id,
+                &stored.digest,
+                &row.window_start_ms,
+                &row.window_end_ms,
+                &row.dims.tenant_id,
+                &row.dims.model,
+                &cloud,
+                &channel_partner,
+                &row.dims.region,
+                &row_kind,
+                &correction_seq,
+                &event_count,
+                &input_tokens,
+                &cached_input_tokens,
+                &output_tokens,
+                &reasoning_tokens,
+                &row.currency,
+                &row.gross_micros,
+                &row.net_micros,
+                &row.price_book_version,
+                &row.share_rule_version,
+                &row.source_topic,
+                &source_partition,
+                &row.first_offset,
+                &row.last_offset,
+                &row.first_event_time_ms,
+                &row.last_event_time_ms,
+                &stored.position.topic,
+                &kafka_partition,
+                &stored.position.offset,
+            ])
+            .await
+            .map_err(pg("copy rows"))?;
     }
+    writer.as_mut().finish().await.map_err(pg("copy rows"))
 }
 
 /// `unnest($1::t1[], $2::t2[], …)` for the given element types.
@@ -409,12 +457,6 @@ fn unnest(types: &[&str]) -> String {
     format!("unnest({})", arrays.join(", "))
 }
 
-const ROW_TYPES: [&str; 30] = [
-    "text", "text", "bigint", "bigint", "text", "text", "text", "text", "text", "text", "bigint",
-    "bigint", "bigint", "bigint", "bigint", "bigint", "text", "bigint", "bigint", "text", "text",
-    "text", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "bigint", "bigint",
-];
-
 const KEY_TYPES: [&str; 8] = [
     "bigint", "text", "text", "text", "text", "text", "text", "text",
 ];
@@ -423,6 +465,7 @@ async fn write(
     client: &mut Client,
     batch: &Batch,
     plan: &BatchPlan,
+    options: WriteOptions,
 ) -> Result<BatchOutcome, SinkError> {
     let tx = client.transaction().await.map_err(pg("begin"))?;
     let now = now_ms();
@@ -466,24 +509,28 @@ async fn write(
         }
     }
 
-    // 2. Rows.
-    let mut columns = RowColumns::default();
-    for &index in &plan.unique {
-        columns.push(&batch.rows[index])?;
+    // 2. Rows: COPY into the staging table, then into the store, skipping known ids.
+    if options.create_staging {
+        tx.batch_execute(CREATE_STAGING)
+            .await
+            .map_err(pg("create the staging table"))?;
     }
-    let sql = format!(
-        "INSERT INTO tally_rows ({ROW_COLUMNS}) SELECT * FROM {} ON CONFLICT (id) DO NOTHING RETURNING id",
-        unnest(&ROW_TYPES)
-    );
+    copy_rows(&tx, plan.unique.iter().map(|&index| &batch.rows[index])).await?;
     let returned = tx
-        .query(&sql, &columns.params())
+        .query(
+            &format!(
+                "INSERT INTO tally_rows ({ROW_COLUMNS}) SELECT {ROW_COLUMNS} FROM tally_rows_staging \
+                 ON CONFLICT (id) DO NOTHING RETURNING id"
+            ),
+            &[],
+        )
         .await
         .map_err(pg("insert rows"))?;
     let inserted: HashSet<String> = returned.iter().map(|row| row.get(0)).collect();
-    let missing: Vec<&str> = columns
-        .id
+    let missing: Vec<&str> = plan
+        .unique
         .iter()
-        .copied()
+        .map(|&index| batch.rows[index].row.id.as_str())
         .filter(|id| !inserted.contains(*id))
         .collect();
     let mut stored_digests = HashMap::new();
@@ -592,6 +639,9 @@ async fn write(
         tx.execute(&sql, &params)
             .await
             .map_err(pg("upsert share roll-ups"))?;
+    }
+    if let Some(delay) = options.commit_delay {
+        tokio::time::sleep(delay).await;
     }
     tx.commit().await.map_err(pg("commit"))?;
     Ok(outcome)

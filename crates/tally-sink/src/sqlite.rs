@@ -7,6 +7,14 @@
 //! an overflowing integer sum is an error (see [`crate::schema`]). One sink instance
 //! should own every partition of a file; a second one is fenced by the offset
 //! compare-and-set all the same.
+//!
+//! Throughput: one transaction per batch with cached prepared statements. Row ids are
+//! SHA-256 prefixes, so a batch's inserts land at random places in the id index; once
+//! the store holds millions of rows that index is far larger than SQLite's default
+//! 2 MiB page cache, so the writer keeps [`CACHE_SIZE_KIB`] of pages, inserts a batch's
+//! rows in id order (neighbouring ids share index pages) and checkpoints the WAL every
+//! [`WAL_AUTOCHECKPOINT_PAGES`] pages instead of every 1 000 (a batch dirties about
+//! one index page per row, and each checkpoint syncs the file).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -17,6 +25,11 @@ use crate::error::SinkError;
 use crate::rows::{RollupKey, RollupSums, ShareKey};
 use crate::schema::{self, Dialect, MIGRATIONS, MIGRATIONS_TABLE, ROLLUP_KEY, ROW_COLUMNS};
 use crate::store::{Batch, BatchOutcome, BatchPlan, now_ms};
+
+/// Page cache of the writer's connection, KiB (SQLite's default is 2 000 KiB).
+pub(crate) const CACHE_SIZE_KIB: i64 = 64 * 1024;
+/// WAL pages between automatic checkpoints (SQLite's default is 1 000 pages, 4 MiB).
+pub(crate) const WAL_AUTOCHECKPOINT_PAGES: i64 = 16_384;
 
 /// An SQLite billing store.
 #[derive(Debug)]
@@ -44,6 +57,12 @@ impl SqliteStore {
         connection
             .pragma_update(None, "foreign_keys", "ON")
             .map_err(lite("set foreign_keys"))?;
+        connection
+            .pragma_update(None, "cache_size", -CACHE_SIZE_KIB)
+            .map_err(lite("set cache_size"))?;
+        connection
+            .pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
+            .map_err(lite("set wal_autocheckpoint"))?;
         let mut store = SqliteStore { connection };
         store.migrate()?;
         Ok(store)
@@ -175,7 +194,10 @@ impl SqliteStore {
             let mut digest = tx
                 .prepare_cached("SELECT digest FROM tally_rows WHERE id = ?1")
                 .map_err(lite("prepare the digest read"))?;
-            for &index in &plan.unique {
+            // In id order: neighbouring ids share index pages.
+            let mut by_id: Vec<usize> = plan.unique.clone();
+            by_id.sort_unstable_by(|a, b| batch.rows[*a].row.id.cmp(&batch.rows[*b].row.id));
+            for index in by_id {
                 let stored = &batch.rows[index];
                 let row = &stored.row;
                 let changed = insert
