@@ -5,9 +5,10 @@
 //! (deterministic synthetic traffic with a ground-truth file), `sink` (aggregates into
 //! the billing store), `report` (totals from the store in any time zone), `config check`
 //! (validate the configuration and its contracts; with `--topics`, the existing topics
-//! too).
+//! too), `demo` (the whole pipeline in one process on librdkafka's mock cluster).
 
 mod aggregate;
+mod demo;
 mod kafka;
 mod produce;
 mod settings;
@@ -58,6 +59,9 @@ enum Command {
     Sink(Box<tally_sink::SinkArgs>),
     /// Hourly, daily or monthly totals from the billing store in any IANA time zone.
     Report(Box<tally_sink::report::ReportArgs>),
+    /// The whole pipeline in one process, no services needed: mock Kafka, generator,
+    /// aggregator, sink into SQLite, live progress and a billing report.
+    Demo(Box<demo::DemoArgs>),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -88,7 +92,14 @@ enum ConfigAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logs(cli.log_format);
+    // The demo's progress line and report are its output: only warnings are logged
+    // unless RUST_LOG asks for more.
+    let default_level = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    telemetry::init_logs(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -128,6 +139,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(args) => produce::run(&config, &args).await,
         Command::Sink(args) => sink::run(config, &args).await,
         Command::Report(args) => sink::report(*args).await,
+        Command::Demo(args) => demo::run(config, &args).await,
         Command::Topics {
             action: TopicsAction::Create,
         } => {
