@@ -635,8 +635,13 @@ struct Progress {
     total: u64,
     terminal: bool,
     last_plain: std::sync::Mutex<Option<Instant>>,
-    last_consumed: std::sync::Mutex<(u64, Instant)>,
+    /// Recent (time, consumed) samples: the aggregator's counters move once per
+    /// commit, so the rate is taken over the last few seconds.
+    recent: std::sync::Mutex<std::collections::VecDeque<(Instant, u64)>>,
 }
+
+/// Span of the events/s figure.
+const RATE_SPAN: Duration = Duration::from_secs(3);
 
 impl Progress {
     fn new(total: u64) -> Progress {
@@ -644,24 +649,33 @@ impl Progress {
             total,
             terminal: std::io::stderr().is_terminal(),
             last_plain: std::sync::Mutex::new(None),
-            last_consumed: std::sync::Mutex::new((0, Instant::now())),
+            recent: std::sync::Mutex::new(std::collections::VecDeque::new()),
+        }
+    }
+
+    /// Events/s over the last [`RATE_SPAN`].
+    fn rate(&self, consumed: u64) -> f64 {
+        let Ok(mut recent) = self.recent.lock() else {
+            return 0.0;
+        };
+        let now = Instant::now();
+        recent.push_back((now, consumed));
+        while recent
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > RATE_SPAN)
+        {
+            recent.pop_front();
+        }
+        match recent.front() {
+            Some((at, before)) if now.duration_since(*at) > Duration::ZERO => {
+                consumed.saturating_sub(*before) as f64 / now.duration_since(*at).as_secs_f64()
+            }
+            _ => 0.0,
         }
     }
 
     fn show(&self, sample: &Sample, elapsed: Duration, last: bool) {
-        let rate = match self.last_consumed.lock() {
-            Ok(mut previous) => {
-                let seconds = previous.1.elapsed().as_secs_f64();
-                let rate = if seconds > 0.0 {
-                    sample.consumed.saturating_sub(previous.0) as f64 / seconds
-                } else {
-                    0.0
-                };
-                *previous = (sample.consumed, Instant::now());
-                rate
-            }
-            Err(_) => 0.0,
-        };
+        let rate = self.rate(sample.consumed);
         let line = format!(
             "{:>5.1}s produced {}/{} · aggregated {} ({:.0} events/s) · lag {} · windows closed (rows) {} · stored {}",
             elapsed.as_secs_f64(),
