@@ -464,6 +464,13 @@ pub(crate) async fn run(base: Config, args: &DemoArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     drop(cluster);
+    if u64::try_from(result.total.events).ok() != Some(result.conservation.counted) {
+        bail!(
+            "the store holds {} events, the aggregator counted {}",
+            result.total.events,
+            result.conservation.counted
+        );
+    }
     if !result.conservation.conserved {
         bail!("the counters do not conserve: {:?}", result.conservation);
     }
@@ -509,7 +516,7 @@ fn demo_config(
 }
 
 /// A suffix no other run uses: time and process id.
-fn run_suffix() -> String {
+pub(crate) fn run_suffix() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_nanos());
@@ -566,7 +573,7 @@ fn serve_metrics(listen: Option<SocketAddr>) -> anyhow::Result<(PrometheusHandle
 }
 
 /// Produces the generated records, then the closing gateway tick on every partition.
-fn generate(
+pub(crate) fn generate(
     config: &GeneratorConfig,
     producer: &UsageProducer,
     options: &ProduceOptions,
@@ -617,7 +624,7 @@ impl Sample {
 }
 
 /// Σ over every series of `name` in a Prometheus text exposition.
-fn metric_sum(text: &str, name: &str) -> f64 {
+pub(crate) fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| {

@@ -5,9 +5,11 @@
 //! (deterministic synthetic traffic with a ground-truth file), `sink` (aggregates into
 //! the billing store), `report` (totals from the store in any time zone), `config check`
 //! (validate the configuration and its contracts; with `--topics`, the existing topics
-//! too), `demo` (the whole pipeline in one process on librdkafka's mock cluster).
+//! too), `demo` (the whole pipeline in one process on librdkafka's mock cluster),
+//! `bench` (the end-to-end benchmark harness against a real broker).
 
 mod aggregate;
+mod bench;
 mod demo;
 mod kafka;
 mod produce;
@@ -62,6 +64,9 @@ enum Command {
     /// The whole pipeline in one process, no services needed: mock Kafka, generator,
     /// aggregator, sink into SQLite, live progress and a billing report.
     Demo(Box<demo::DemoArgs>),
+    /// End-to-end benchmark against a real broker: preload, a counting consumer as the
+    /// ceiling, `tally aggregate` and `tally sink` as child processes, paced latency.
+    Bench(Box<bench::BenchArgs>),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -140,6 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sink(args) => sink::run(config, &args).await,
         Command::Report(args) => sink::report(*args).await,
         Command::Demo(args) => demo::run(config, &args).await,
+        Command::Bench(args) => bench::run(config, &args).await,
         Command::Topics {
             action: TopicsAction::Create,
         } => {
