@@ -38,6 +38,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -95,6 +97,9 @@ pub(crate) struct BenchArgs {
     /// Give up (and stop the children) after this many seconds per phase.
     #[arg(long, default_value_t = 900)]
     pub(crate) timeout_secs: u64,
+    /// Keep the bench's topics on the broker (by default they are deleted at the end).
+    #[arg(long)]
+    pub(crate) keep_topics: bool,
 }
 
 /// The benchmark's result (`--json`).
@@ -127,6 +132,9 @@ pub(crate) struct Stage {
     pub(crate) events_per_core_second: f64,
     /// Peak resident set (VmHWM), bytes; 0 when not measured.
     pub(crate) peak_rss_bytes: u64,
+    /// For the aggregator: wall seconds from its first commit (which excludes process
+    /// start, group join and transaction setup) to the last event committed.
+    pub(crate) seconds_after_first_commit: Option<f64>,
 }
 
 impl Stage {
@@ -144,6 +152,7 @@ impl Stage {
             cpu_seconds,
             events_per_core_second: per(cpu_seconds),
             peak_rss_bytes,
+            seconds_after_first_commit: None,
         }
     }
 }
@@ -213,6 +222,7 @@ pub(crate) async fn run(base: Config, args: &BenchArgs) -> anyhow::Result<()> {
         &contracts_path,
     )?;
     crate::topics::create_all(&config).await?;
+    let mut created = vec![config.clone()];
     eprintln!(
         "tally bench: preloading {} events into {} ({} partitions)",
         args.events, config.topics.usage_events, args.partitions
@@ -315,6 +325,7 @@ pub(crate) async fn run(base: Config, args: &BenchArgs) -> anyhow::Result<()> {
             .validate()
             .context("the latency phase's configuration is invalid")?;
         crate::topics::create_all(&config).await?;
+        created.push(config.clone());
         let sqlite = dir.join("latency-billing.db");
         let database = format!("sqlite:{}", sqlite.display());
         let pipeline = Pipeline::start(&config, &dir, "latency", &database, &run_id, false)?;
@@ -342,6 +353,11 @@ pub(crate) async fn run(base: Config, args: &BenchArgs) -> anyhow::Result<()> {
         rows,
         latency,
     };
+    if !args.keep_topics {
+        for config in &created {
+            delete_topics(config).await?;
+        }
+    }
     print!("{}", render(&result));
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&result)?;
@@ -380,6 +396,29 @@ fn bench_config(
         .validate()
         .context("the bench's configuration is invalid")?;
     Ok(config)
+}
+
+/// Deletes the pipeline topics of `config` (the bench's own, per-run names).
+async fn delete_topics(config: &Config) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = crate::kafka::client_config(&config.kafka)
+        .create()
+        .context("cannot create the kafka admin client")?;
+    let names: Vec<String> = crate::topics::specs(config)
+        .into_iter()
+        .map(|spec| spec.name)
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin
+        .delete_topics(&names, &options)
+        .await
+        .context("delete topics request failed")?
+    {
+        if let Err((topic, code)) = result {
+            tracing::warn!(topic, error = %code, "cannot delete a bench topic");
+        }
+    }
+    Ok(())
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -550,6 +589,7 @@ fn drain(
 ) -> anyhow::Result<(Stage, Stage, u64)> {
     let deadline = pipeline.started + timeout;
     let mut aggregator_stage: Option<Stage> = None;
+    let mut first_commit: Option<Instant> = None;
     let mut rows: Option<u64> = None;
     loop {
         std::thread::sleep(SAMPLE_EVERY);
@@ -573,13 +613,19 @@ fn drain(
             let consumed = pipeline
                 .aggregator
                 .scrape(tally_aggregator::metrics::CONSUMED_RECORDS);
+            if first_commit.is_none() && consumed.is_some_and(|consumed| consumed > 0.0) {
+                first_commit = Some(Instant::now());
+            }
             if consumed.is_some_and(|consumed| consumed >= events as f64) {
-                aggregator_stage = Some(Stage::new(
+                let mut stage = Stage::new(
                     events,
                     pipeline.started.elapsed().as_secs_f64(),
                     aggregator_cpu.unwrap_or(0.0),
                     pipeline.aggregator.peak_rss_bytes,
-                ));
+                );
+                stage.seconds_after_first_commit =
+                    first_commit.map(|first| first.elapsed().as_secs_f64());
+                aggregator_stage = Some(stage);
             } else if let Some(status) = pipeline.aggregator.exited()? {
                 bail!(
                     "tally aggregate exited ({status}) before committing every event:\n{}",
@@ -982,9 +1028,15 @@ fn render(result: &BenchResult) -> String {
             rss(stage.peak_rss_bytes)
         );
     }
+    if let Some(seconds) = result.aggregator.seconds_after_first_commit {
+        let _ = writeln!(
+            out,
+            "\naggregator from its first commit to the last event committed: {seconds:.1} s"
+        );
+    }
     let _ = writeln!(
         out,
-        "\nrows committed by the aggregator and stored by the sink: {}",
+        "rows committed by the aggregator and stored by the sink: {}",
         result.rows
     );
     if let Some(latency) = &result.latency {
