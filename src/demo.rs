@@ -58,10 +58,23 @@ use tracing::warn;
 /// The contracts the demo prices with, embedded so it runs from any directory.
 pub(crate) const DEFAULT_CONTRACTS: &str = include_str!("../deploy/contracts/default.toml");
 
-/// What the demo shows, and what it does not.
-pub(crate) const WHAT_IT_SHOWS: &str = "this demo shows the whole pipeline wired together in one process on librdkafka's mock cluster; \
+/// What the demo shows, and what it does not (on the mock cluster).
+const WHAT_IT_SHOWS: &str = "this demo shows the whole pipeline wired together in one process on librdkafka's mock cluster; \
      exactly-once under SIGKILLs, rebalances and restarts is proven by the real-broker tests \
      (deploy/local/test.sh: Apache Kafka and PostgreSQL), not by the mock";
+/// The same for a `--broker` run.
+const WHAT_IT_SHOWS_ON_A_BROKER: &str = "this demo shows the whole pipeline wired together in one process on a real broker \
+     (its topics stay there); exactly-once under SIGKILLs, rebalances and restarts is proven \
+     by the real-broker tests (deploy/local/test.sh), which kill and restart processes";
+
+/// The line for `broker` (`mock` or an address).
+fn what_it_shows(broker: &str) -> &'static str {
+    if broker == "mock" {
+        WHAT_IT_SHOWS
+    } else {
+        WHAT_IT_SHOWS_ON_A_BROKER
+    }
+}
 
 /// How far after the last record the closing gateway tick lies: beyond every window,
 /// lateness and correction horizon, so every pane closes.
@@ -244,7 +257,7 @@ pub(crate) async fn run(base: Config, args: &DemoArgs) -> anyhow::Result<()> {
     } else {
         bootstrap.clone()
     };
-    eprintln!("tally demo: {WHAT_IT_SHOWS}");
+    eprintln!("tally demo: {}", what_it_shows(&broker_label));
     eprintln!(
         "tally demo: broker {broker_label}, metrics on http://{metrics_address}/metrics, store {}",
         sqlite.display()
@@ -982,7 +995,7 @@ fn render(result: &DemoResult) -> String {
         result.report_from,
         result.report_to
     );
-    let _ = writeln!(out, "\n{WHAT_IT_SHOWS}.");
+    let _ = writeln!(out, "\n{}.", what_it_shows(&result.broker));
     out
 }
 
