@@ -7,13 +7,17 @@
 //! (validate the configuration and its contracts; with `--topics`, the existing topics
 //! too), `statement` (a partner's monthly revenue-share statement), `export` and `export
 //! ack` (marketplace usage files and their ledger), `replay` (re-aggregate a range into
-//! an isolated output) and `reconcile` (compare two sets of aggregates).
+//! an isolated output), `reconcile` (compare two sets of aggregates), `demo` (the whole
+//! pipeline in one process on librdkafka's mock cluster) and `bench` (the end-to-end
+//! benchmark harness against a real broker).
 //!
 //! Exit codes: 0 on success; 78 when the Kafka cluster refused the credentials or the
 //! TLS handshake (see `kafka.rs`); 3 when `replay` refuses (see `replay.rs`); 1 for any
 //! other error. `reconcile` exits 0 when equal, 1 when the sides differ, 2 on error.
 
 mod aggregate;
+mod bench;
+mod demo;
 mod kafka;
 mod produce;
 mod replay;
@@ -77,6 +81,12 @@ enum Command {
     /// Compare two sets of aggregates (topics, stores, replay outputs) for a period; exit
     /// 0 when equal, 1 when they differ, 2 on error.
     Reconcile(Box<tally_replay::ReconcileArgs>),
+    /// The whole pipeline in one process, no services needed: mock Kafka, generator,
+    /// aggregator, sink into SQLite, live progress and a billing report.
+    Demo(Box<demo::DemoArgs>),
+    /// End-to-end benchmark against a real broker: preload, a counting consumer as the
+    /// ceiling, `tally aggregate` and `tally sink` as child processes, paced latency.
+    Bench(Box<bench::BenchArgs>),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -144,7 +154,14 @@ enum ConfigAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logs(cli.log_format);
+    // The demo's progress line and report are its output: only warnings are logged
+    // unless RUST_LOG asks for more.
+    let default_level = if matches!(cli.command, Command::Demo(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    telemetry::init_logs(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -201,6 +218,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Replay(args) => replay::replay(config, *args).await,
         Command::Reconcile(args) => replay::reconcile(config, *args).await,
+        Command::Demo(args) => demo::run(config, &args).await,
+        Command::Bench(args) => bench::run(config, &args).await,
         Command::Topics {
             action: TopicsAction::Create,
         } => {

@@ -85,9 +85,11 @@ pub(crate) enum LogFormat {
     Json,
 }
 
-/// Installs the global tracing subscriber.
-pub(crate) fn init_logs(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the global tracing subscriber; `default_level` applies when `RUST_LOG` is
+/// unset.
+pub(crate) fn init_logs(format: LogFormat, default_level: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -64,3 +64,32 @@ env_get() {
 listeners_on() {
   ss -Hltn "sport = :$1" | wc -l
 }
+
+# Debian packages the Rust build needs: rdkafka builds librdkafka with cmake and a
+# C compiler against the OpenSSL, SASL, curl, zlib and zstd headers.
+BUILD_PKGS=(libssl-dev libsasl2-dev libcurl4-openssl-dev zlib1g-dev libzstd-dev pkg-config cmake build-essential)
+
+# Appends to the array named by $1 every package of BUILD_PKGS not installed.
+missing_build_pkgs() {
+  local -n into=$1
+  local p
+  for p in "${BUILD_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
+      into+=("$p")
+  done
+}
+
+# Installs the Debian packages given (as root, else through `sudo -n`); does
+# nothing, and runs no apt at all, when none are given.
+apt_install() {
+  (($# > 0)) || return 0
+  echo "installing: $*"
+  local sudo=()
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null || die "need root (or sudo) to install: $*"
+    sudo=(sudo -n)
+  fi
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    --no-install-recommends "$@" >/dev/null
+}

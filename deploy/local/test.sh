@@ -25,14 +25,9 @@ CURRENT=""   # the step running now
 CURRENT_T0=0
 OWN_RUN_DIR=0
 
-# Debian packages: the Rust build (rdkafka builds librdkafka with cmake) and
-# the service harness (Java 17 + Maven for Kafka, ss for free ports).
-BUILD_PKGS=(libssl-dev libsasl2-dev libcurl4-openssl-dev zlib1g-dev libzstd-dev pkg-config cmake build-essential)
-
-die() {
-  echo "test.sh: error: $*" >&2
-  exit 1
-}
+# die, BUILD_PKGS (the Rust build's Debian packages), missing_build_pkgs, apt_install.
+# shellcheck source=deploy/local/lib.sh
+source "$LOCAL/lib.sh"
 
 # Runs one named step with a timestamped header; records its duration.
 step() {
@@ -83,14 +78,12 @@ on_exit() {
   exit "$rc"
 }
 
-# Installs the packages (from BUILD_PKGS and the commands the harness needs)
-# that are missing; no apt at all when everything is there.
+# Installs the packages (from BUILD_PKGS and the commands the harness needs:
+# Java 17 + Maven for Kafka, ss for free ports, promtool) that are missing; no
+# apt at all when everything is there.
 install_deps() {
-  local p missing=()
-  for p in "${BUILD_PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' ||
-      missing+=("$p")
-  done
+  local missing=()
+  missing_build_pkgs missing
   if ! command -v java >/dev/null || ! command -v javac >/dev/null; then
     missing+=(openjdk-17-jdk-headless)
   fi
@@ -102,15 +95,7 @@ install_deps() {
     echo "all Debian packages present"
     return 0
   fi
-  echo "installing: ${missing[*]}"
-  local sudo=()
-  if [[ $(id -u) -ne 0 ]]; then
-    command -v sudo >/dev/null || die "need root (or sudo) to install: ${missing[*]}"
-    sudo=(sudo -n)
-  fi
-  "${sudo[@]}" apt-get update -qq
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    --no-install-recommends "${missing[@]}" >/dev/null
+  apt_install "${missing[@]}"
 }
 
 # docker-compose (Debian's, 1.29) checks deploy/compose; optional: when the package

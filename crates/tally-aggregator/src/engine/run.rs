@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, Producer};
+use tally_core::partition::PartitionCounters;
 use tally_core::semantics::Semantics;
 use tracing::{error, info, warn};
 
@@ -59,6 +60,11 @@ pub struct RunSummary {
     pub fatal_restarts: u64,
     /// Batches whose records were processed as several partition tasks in parallel.
     pub parallel_batches: u64,
+    /// Record counters of the committed transactions, summed over partitions: what
+    /// this run consumed, counted, dropped as duplicates, routed as too late and
+    /// rejected (conserving, like every checkpoint's counters). Work a previous
+    /// process committed is not included.
+    pub counters: PartitionCounters,
 }
 
 impl RunSummary {
@@ -72,6 +78,7 @@ impl RunSummary {
             records_restored: 0,
             fatal_restarts: 0,
             parallel_batches: 0,
+            counters: PartitionCounters::default(),
         }
     }
 
@@ -84,7 +91,39 @@ impl RunSummary {
         self.records_restored += other.records_restored;
         self.fatal_restarts += other.fatal_restarts;
         self.parallel_batches += other.parallel_batches;
+        add_counters(&mut self.counters, &other.counters);
     }
+
+    /// Adds one partition's committed progress (`after` − `before`) to
+    /// [`RunSummary::counters`].
+    pub(super) fn add_committed(&mut self, before: &PartitionCounters, after: &PartitionCounters) {
+        let delta = |a: u64, b: u64| b.saturating_sub(a);
+        let progress = PartitionCounters {
+            consumed: delta(before.consumed, after.consumed),
+            counted: delta(before.counted, after.counted),
+            corrections: delta(before.corrections, after.corrections),
+            duplicates: delta(before.duplicates, after.duplicates),
+            conflicting_duplicates: delta(
+                before.conflicting_duplicates,
+                after.conflicting_duplicates,
+            ),
+            too_late: delta(before.too_late, after.too_late),
+            rejected: delta(before.rejected, after.rejected),
+            ticks: delta(before.ticks, after.ticks),
+        };
+        add_counters(&mut self.counters, &progress);
+    }
+}
+
+fn add_counters(sum: &mut PartitionCounters, add: &PartitionCounters) {
+    sum.consumed += add.consumed;
+    sum.counted += add.counted;
+    sum.corrections += add.corrections;
+    sum.duplicates += add.duplicates;
+    sum.conflicting_duplicates += add.conflicting_duplicates;
+    sum.too_late += add.too_late;
+    sum.rejected += add.rejected;
+    sum.ticks += add.ticks;
 }
 
 fn input_partition_count(

@@ -270,6 +270,8 @@ impl Engine {
         for owned in self.partitions.values_mut() {
             if owned.dirty {
                 m::publish_counter_delta(&owned.committed.counters(), &owned.live.counters());
+                self.summary
+                    .add_committed(&owned.committed.counters(), &owned.live.counters());
                 // Reuses the snapshot's allocations (see PartitionState's Clone).
                 owned.committed.clone_from(&owned.live);
             }
