@@ -286,11 +286,11 @@ pub(crate) async fn run(base: Config, args: &DemoArgs) -> anyhow::Result<()> {
     // The sink into a fresh SQLite file.
     let sink_args = SinkArgs {
         database: format!("sqlite:{}", sqlite.display()),
-        group_id: format!("tally-demo-sink-{run_id}"),
-        batch_max_rows: 5_000,
-        batch_max_age_ms: 500,
-        db_timeout_ms: 10_000,
-        retry_max_backoff_ms: 5_000,
+        group_id: Some(format!("tally-demo-sink-{run_id}")),
+        batch_max_rows: Some(5_000),
+        batch_max_age_ms: Some(500),
+        db_timeout_ms: Some(10_000),
+        retry_max_backoff_ms: Some(5_000),
         exit_after_idle_ms: None,
     };
     let sink_settings =
