@@ -13,6 +13,7 @@ use rdkafka::producer::{BaseProducer, Producer};
 use tally_core::semantics::Semantics;
 use tracing::{error, info, warn};
 
+use super::assign::AssignChannel;
 use super::rebalance::AggregatorContext;
 use super::transaction::{CommitOutcome, classify, is_fatal};
 use super::{Engine, KAFKA_TIMEOUT, Polled};
@@ -269,6 +270,9 @@ fn start_incarnation(
         semantics,
         in_transaction: false,
         partitions: BTreeMap::new(),
+        pending_partitions: BTreeMap::new(),
+        assign_channel: AssignChannel::new(),
+        next_ticket: 0,
         transactions_attempted: 0,
         consecutive_aborts: 0,
         pending: PendingTotals::default(),
@@ -334,7 +338,9 @@ fn drive(
     loop {
         if shutdown.load(Ordering::SeqCst) {
             info!("shutdown requested");
-            context.engine()?.stopping = true;
+            let mut engine = context.engine()?;
+            engine.stopping = true;
+            engine.forget_all_pending();
             return Ok(ExitReason::Shutdown);
         }
         // Collect a batch: wait for the first record, then take what is buffered, up to
@@ -383,6 +389,7 @@ fn drive(
         let processed = engine.on_batch(&batch, now);
         batch.clear();
         processed?;
+        engine.serve_pending(consumer)?;
         if let Some(partition) = end_reached {
             engine.on_eof(partition);
         }
