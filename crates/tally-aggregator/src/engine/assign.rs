@@ -267,10 +267,7 @@ impl Engine {
             && matches!(pending.progress, Progress::Restoring { .. })
         {
             m::count_restore_cancelled();
-            info!(
-                partition,
-                "partition revoked during its restore, restore cancelled"
-            );
+            info!(partition, "restore cancelled");
         }
     }
 
