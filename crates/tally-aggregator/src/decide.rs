@@ -405,8 +405,9 @@ pub(crate) fn re_read_range(low_water: i64, committed_offset: i64) -> Option<Ran
 // Assigned partitions on their way to being owned (restore outside the callback)
 
 /// Attempts at fetching a pending partition's committed offset before the aggregator
-/// stops with the error. Each attempt waits up to the Kafka call timeout, which covers
-/// the previous owner's transaction timeout in the default configuration.
+/// stops with the error. Each attempt waits up to the transaction timeout plus a
+/// margin (at least the Kafka call timeout), long enough for a previous owner's open
+/// transaction to resolve.
 pub(crate) const MAX_OFFSET_FETCH_ATTEMPTS: u32 = 3;
 
 /// Where a partition assigned to this member, and paused, is on its way to being

@@ -43,6 +43,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -158,13 +159,18 @@ impl Drop for PendingPartition {
     }
 }
 
+/// Slack over the transaction timeout for one committed-offset fetch attempt.
+const OFFSETS_FETCH_SLACK: Duration = Duration::from_secs(10);
+
 /// Fetches the stable committed offsets and checkpoints of `partitions` with a consumer
 /// of the group that never joins it. librdkafka asks for stable offsets under
-/// read_committed, so a previous owner's pending transaction resolves first.
+/// read_committed, so a previous owner's pending transaction resolves first; `timeout`
+/// covers that wait (it runs off the loop, so waiting is harmless).
 fn fetch_committed(
     settings_config: rdkafka::ClientConfig,
     topic: &str,
     partitions: &[(i32, u64)],
+    timeout: Duration,
 ) -> Result<Vec<(i32, Option<Committed>)>, KafkaError> {
     let consumer: BaseConsumer<RestoreContext> =
         settings_config.create_with_context(RestoreContext)?;
@@ -172,7 +178,7 @@ fn fetch_committed(
     for (partition, _) in partitions {
         query.add_partition(topic, *partition);
     }
-    let committed = consumer.committed_offsets(query, KAFKA_TIMEOUT)?;
+    let committed = consumer.committed_offsets(query, timeout)?;
     Ok(partitions
         .iter()
         .map(|(partition, _)| {
@@ -583,10 +589,17 @@ impl Engine {
         let config = consumer_config(&self.settings);
         let topic = self.topic().to_owned();
         let sender = self.assign_channel.sender.clone();
+        // A previous owner's open transaction resolves within its transaction timeout
+        // (tally's own setting, assuming the group runs one configuration).
+        let timeout = KAFKA_TIMEOUT.max(
+            self.settings
+                .transaction_timeout()
+                .saturating_add(OFFSETS_FETCH_SLACK),
+        );
         std::thread::Builder::new()
             .name("tally-offsets".to_owned())
             .spawn(move || {
-                let result = fetch_committed(config, &topic, &tickets);
+                let result = fetch_committed(config, &topic, &tickets, timeout);
                 // The engine may be gone (the incarnation ended): nothing to report to.
                 let _ = sender.send(AssignEvent::Offsets { tickets, result });
             })
