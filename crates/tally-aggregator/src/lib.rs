@@ -23,11 +23,11 @@
 //! (thread-safe) producer they write side records through. Commits, aborts and
 //! rebalances happen between batches on the loop's thread, so the checkpoint protocol
 //! below is the same as with one thread. Restores run on threads of their own (one per
-//! restoring partition, not the pool), while the loop keeps polling. A rebalance callback can run inside a poll in the
-//! middle of collecting a batch; records polled before it, for a partition it rewound
-//! or reassigned, are dropped from the batch (the consumer was seeked back to where the
-//! state now is and delivers them again), while records of untouched partitions are
-//! processed normally.
+//! restoring partition, not the pool), while the loop keeps polling. A rebalance
+//! callback can run inside a poll in the middle of collecting a batch; records polled
+//! before it, for a partition it rewound or reassigned, are dropped from the batch (the
+//! consumer was seeked back to where the state now is and delivers them again), while
+//! records of untouched partitions are processed normally.
 //!
 //! # Checkpoints and exactly-once semantics
 //!
@@ -69,7 +69,8 @@
 //! only the partitions it lists, so its committed offset and checkpoint stay what the
 //! previous owner committed, as if re-sent unchanged. A partition revoked during its
 //! restore has the re-read cancelled (a flag checked before every record) and is
-//! forgotten; its new owner restores it from the same checkpoint. Input deleted below `L` (retention, `DeleteRecords`) is never needed;
+//! forgotten; its new owner restores it from the same checkpoint. Input deleted below
+//! `L` (retention, `DeleteRecords`) is never needed;
 //! input deleted at or above it makes the restore refuse by name. See [`restore`].
 //!
 //! **Aborts.** After any abort — an abortable transaction error, a failed commit, lost
@@ -137,11 +138,12 @@
 //! ahead opened windows early, and further back only while a conflicting duplicate of
 //! an older event pins it; never the partition's history (the kill soak measures it).
 //! A restore runs outside the rebalance callback, so however long it takes it costs no
-//! rebalance; the partition's input waits meanwhile. Snapshots at commit are deep clones of the partitions that changed:
-//! O(state) per commit interval. Parallelism within a process is bounded by the
-//! partitions present in a batch: librdkafka delivers each partition's fetched data as
-//! one run, so a batch spans several partitions only when fetch responses are smaller
-//! than a batch; beyond one process, scale out with more processes in the group.
+//! rebalance; the partition's input waits meanwhile. Snapshots at commit are deep
+//! clones of the partitions that changed: O(state) per commit interval. Parallelism
+//! within a process is bounded by the partitions present in a batch: librdkafka
+//! delivers each partition's fetched data as one run, so a batch spans several
+//! partitions only when fetch responses are smaller than a batch; beyond one process,
+//! scale out with more processes in the group.
 //!
 //! # Layout
 //!
