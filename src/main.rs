@@ -108,9 +108,7 @@ impl Command {
             Command::Config {
                 action: ConfigAction::Check { topics },
             } => *topics,
-            Command::Export(command) => {
-                command.action.is_none() && !command.run.skip_kafka_check
-            }
+            Command::Export(command) => command.action.is_none() && !command.run.skip_kafka_check,
             _ => false,
         }
     }

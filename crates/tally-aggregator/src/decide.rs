@@ -11,7 +11,11 @@
 //! - [`restart_decision`]: start a new incarnation after a fatal error, or stop;
 //! - [`settlement`]: whether every owned partition settled (`--exit-after-idle`);
 //! - [`start_decision`] and [`re_read_range`]: restore an assigned partition from
-//!   `[low water, committed)`, start it fresh at `--start-from`, or refuse.
+//!   `[low water, committed)`, start it fresh at `--start-from`, or refuse;
+//! - [`pending_step`] and [`offsets_fetch_verdict`]: the next step of a partition that
+//!   is assigned but not owned yet (its committed offset being fetched, its state being
+//!   re-read outside the rebalance callback), and whether a failed committed-offset
+//!   fetch is tried again.
 
 use std::ops::Range;
 use std::time::Duration;
@@ -395,6 +399,131 @@ pub(crate) fn start_decision<C>(
 /// The offsets a restore re-reads: `[low_water, committed_offset)`, none when empty.
 pub(crate) fn re_read_range(low_water: i64, committed_offset: i64) -> Option<Range<i64>> {
     (committed_offset > low_water).then_some(low_water..committed_offset)
+}
+
+// ---------------------------------------------------------------------------------
+// Assigned partitions on their way to being owned (restore outside the callback)
+
+/// Attempts at fetching a pending partition's committed offset before the aggregator
+/// stops with the error. Each attempt waits up to the transaction timeout plus a
+/// margin (at least the Kafka call timeout), long enough for a previous owner's open
+/// transaction to resolve.
+pub(crate) const MAX_OFFSET_FETCH_ATTEMPTS: u32 = 3;
+
+/// Where a partition assigned to this member, and paused, is on its way to being
+/// owned. Nothing of it is processed or committed until it is owned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PendingProgress {
+    /// Its stable committed offset and checkpoint are being fetched off the loop.
+    FetchingOffsets,
+    /// That fetch failed, after this many attempts.
+    OffsetsFailed {
+        /// Attempts made so far.
+        attempts: u32,
+    },
+    /// The committed offset and checkpoint (or the lack of one) are known.
+    OffsetsFetched,
+    /// Its state is being re-read from the input off the loop.
+    Restoring,
+    /// The re-read rebuilt the committed state.
+    Restored,
+    /// The re-read failed (digest mismatch, input deleted, stalled, Kafka error).
+    RestoreFailed,
+}
+
+/// What the loop knows about one pending partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PendingFacts {
+    /// The group took the partition away (revoked or lost).
+    pub(crate) revoked: bool,
+    /// Shutdown was requested.
+    pub(crate) stopping: bool,
+    /// How far it got.
+    pub(crate) progress: PendingProgress,
+}
+
+/// The next step for a pending partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PendingStep {
+    /// Revoked, or shutting down: cancel its fetch or re-read and forget it (nothing
+    /// of it was processed, so nothing is committed or aborted for it).
+    Forget,
+    /// The committed-offset fetch runs: keep polling, the partition stays paused.
+    AwaitOffsets,
+    /// The committed-offset fetch failed: fetch again, attempt `attempt`.
+    RetryOffsets {
+        /// The attempt about to be made (2 for the first retry).
+        attempt: u32,
+    },
+    /// The committed-offset fetch failed [`MAX_OFFSET_FETCH_ATTEMPTS`] times: stop.
+    FailOffsets,
+    /// Check the checkpoint's semantics and start where [`start_decision`] says:
+    /// begin the re-read, start fresh, or refuse.
+    Start,
+    /// The re-read runs: keep polling, the partition stays paused.
+    AwaitRestore,
+    /// Own the rebuilt state: seek the consumer to the committed offset and resume.
+    Own,
+    /// The re-read failed: the process stops with its error.
+    Fail,
+}
+
+/// Whether a failed committed-offset fetch is tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OffsetsFetchVerdict {
+    /// Fetch again; this is the attempt's number.
+    Retry {
+        /// The attempt about to be made.
+        attempt: u32,
+    },
+    /// Out of attempts: stop with the error.
+    GiveUp,
+}
+
+/// Whether a committed-offset fetch that failed `attempts` times is tried again.
+pub(crate) fn offsets_fetch_verdict(attempts: u32) -> OffsetsFetchVerdict {
+    if attempts >= MAX_OFFSET_FETCH_ATTEMPTS {
+        OffsetsFetchVerdict::GiveUp
+    } else {
+        OffsetsFetchVerdict::Retry {
+            attempt: attempts.saturating_add(1),
+        }
+    }
+}
+
+/// The next step for a pending partition. Revocation and shutdown win over anything
+/// the partition reached: a rebuilt state that is no longer ours is dropped, and a
+/// failure of a partition we no longer own stops nothing (its new owner restores it
+/// and meets the same failure if it is one of the input).
+pub(crate) fn pending_step(facts: PendingFacts) -> PendingStep {
+    if facts.revoked || facts.stopping {
+        return PendingStep::Forget;
+    }
+    match facts.progress {
+        PendingProgress::FetchingOffsets => PendingStep::AwaitOffsets,
+        PendingProgress::OffsetsFailed { attempts } => match offsets_fetch_verdict(attempts) {
+            OffsetsFetchVerdict::Retry { attempt } => PendingStep::RetryOffsets { attempt },
+            OffsetsFetchVerdict::GiveUp => PendingStep::FailOffsets,
+        },
+        PendingProgress::OffsetsFetched => PendingStep::Start,
+        PendingProgress::Restoring => PendingStep::AwaitRestore,
+        PendingProgress::Restored => PendingStep::Own,
+        PendingProgress::RestoreFailed => PendingStep::Fail,
+    }
+}
+
+/// How long a paced re-read (the `--restore-min-duration-ms` test hook) must have run
+/// before it applies the record at `offset` of `range`: the same fraction of
+/// `min_duration_ms` as of the range lies before the offset, so the whole re-read
+/// takes at least `min_duration_ms`, evenly spread (and cancellable throughout).
+pub(crate) fn paced_due_ms(range: &Range<i64>, offset: i64, min_duration_ms: u64) -> u64 {
+    let length = i128::from(range.end.saturating_sub(range.start));
+    if length <= 0 {
+        return 0;
+    }
+    let done = i128::from(offset.clamp(range.start, range.end) - range.start);
+    let due = i128::from(min_duration_ms) * done / length;
+    u64::try_from(due).unwrap_or(min_duration_ms)
 }
 
 #[cfg(test)]
@@ -807,5 +936,131 @@ mod tests {
         assert_eq!(re_read_range(100, 120), Some(100..120));
         assert_eq!(re_read_range(120, 120), None);
         assert_eq!(re_read_range(130, 120), None);
+    }
+
+    fn pending(progress: PendingProgress) -> PendingFacts {
+        PendingFacts {
+            revoked: false,
+            stopping: false,
+            progress,
+        }
+    }
+
+    #[test]
+    fn a_pending_partition_waits_for_its_offsets_then_its_re_read_then_is_owned() {
+        let cases = [
+            (PendingProgress::FetchingOffsets, PendingStep::AwaitOffsets),
+            (PendingProgress::OffsetsFetched, PendingStep::Start),
+            (PendingProgress::Restoring, PendingStep::AwaitRestore),
+            (PendingProgress::Restored, PendingStep::Own),
+            (PendingProgress::RestoreFailed, PendingStep::Fail),
+        ];
+        for (progress, expected) in cases {
+            assert_eq!(pending_step(pending(progress)), expected, "{progress:?}");
+        }
+    }
+
+    #[test]
+    fn a_failed_offset_fetch_is_tried_three_times_in_all_then_stops() {
+        assert_eq!(
+            pending_step(pending(PendingProgress::OffsetsFailed { attempts: 1 })),
+            PendingStep::RetryOffsets { attempt: 2 }
+        );
+        assert_eq!(
+            pending_step(pending(PendingProgress::OffsetsFailed { attempts: 2 })),
+            PendingStep::RetryOffsets { attempt: 3 }
+        );
+        assert_eq!(
+            pending_step(pending(PendingProgress::OffsetsFailed { attempts: 3 })),
+            PendingStep::FailOffsets
+        );
+        assert_eq!(offsets_fetch_verdict(7), OffsetsFetchVerdict::GiveUp);
+    }
+
+    #[test]
+    fn a_revoked_partition_is_forgotten_whatever_it_reached_even_a_failure() {
+        let all = [
+            PendingProgress::FetchingOffsets,
+            PendingProgress::OffsetsFailed { attempts: 3 },
+            PendingProgress::OffsetsFetched,
+            PendingProgress::Restoring,
+            PendingProgress::Restored,
+            PendingProgress::RestoreFailed,
+        ];
+        for progress in all {
+            let revoked = PendingFacts {
+                revoked: true,
+                ..pending(progress)
+            };
+            assert_eq!(pending_step(revoked), PendingStep::Forget, "{progress:?}");
+            let stopping = PendingFacts {
+                stopping: true,
+                ..pending(progress)
+            };
+            assert_eq!(pending_step(stopping), PendingStep::Forget, "{progress:?}");
+        }
+    }
+
+    #[test]
+    fn a_paced_re_read_spreads_its_minimum_duration_over_the_range() {
+        // 10 s over offsets [100, 200): offset 150 is due at 5 s, the end at 10 s.
+        assert_eq!(paced_due_ms(&(100..200), 100, 10_000), 0);
+        assert_eq!(paced_due_ms(&(100..200), 150, 10_000), 5_000);
+        assert_eq!(paced_due_ms(&(100..200), 199, 10_000), 9_900);
+        assert_eq!(paced_due_ms(&(100..200), 250, 10_000), 10_000);
+        assert_eq!(paced_due_ms(&(100..200), 50, 10_000), 0);
+        assert_eq!(paced_due_ms(&(100..100), 100, 10_000), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn only_an_unrevoked_partition_with_its_state_rebuilt_is_owned(
+            revoked: bool,
+            stopping: bool,
+            which in 0_u8..6,
+            attempts in 0_u32..10,
+        ) {
+            let progress = match which {
+                0 => PendingProgress::FetchingOffsets,
+                1 => PendingProgress::OffsetsFailed { attempts },
+                2 => PendingProgress::OffsetsFetched,
+                3 => PendingProgress::Restoring,
+                4 => PendingProgress::Restored,
+                _ => PendingProgress::RestoreFailed,
+            };
+            let step = pending_step(PendingFacts { revoked, stopping, progress });
+            match step {
+                PendingStep::Own => {
+                    prop_assert!(!revoked && !stopping);
+                    prop_assert_eq!(progress, PendingProgress::Restored);
+                }
+                PendingStep::Forget => prop_assert!(revoked || stopping),
+                PendingStep::RetryOffsets { attempt } => {
+                    prop_assert!(attempts < MAX_OFFSET_FETCH_ATTEMPTS);
+                    prop_assert_eq!(attempt, attempts + 1);
+                }
+                PendingStep::FailOffsets => prop_assert!(attempts >= MAX_OFFSET_FETCH_ATTEMPTS),
+                PendingStep::Fail => prop_assert_eq!(progress, PendingProgress::RestoreFailed),
+                PendingStep::AwaitOffsets | PendingStep::AwaitRestore | PendingStep::Start => {
+                    prop_assert!(!revoked && !stopping);
+                }
+            }
+        }
+
+        #[test]
+        fn a_paced_re_read_is_due_monotonically_and_never_past_its_minimum(
+            start in -1_000_i64..1_000_000,
+            length in 0_i64..1_000_000,
+            a in 0_i64..1_000_000,
+            b in 0_i64..1_000_000,
+            min_duration_ms in 0_u64..100_000,
+        ) {
+            let range = start..start + length;
+            let (low, high) = (start + a.min(b), start + a.max(b));
+            let due_low = paced_due_ms(&range, low, min_duration_ms);
+            let due_high = paced_due_ms(&range, high, min_duration_ms);
+            prop_assert!(due_low <= due_high);
+            prop_assert!(due_high <= min_duration_ms);
+        }
     }
 }

@@ -160,6 +160,21 @@ pub enum AggregatorError {
     /// The consumer group rebalance failed.
     #[error("rebalance failed")]
     Rebalance(#[source] KafkaError),
+    /// A helper thread (committed-offset fetch, partition restore) could not start.
+    #[error("cannot start the {what} thread")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A partition restore thread ended without a result (it panicked).
+    #[error("partition {partition}: the restore thread ended without a result")]
+    RestoreLost {
+        /// The partition.
+        partition: i32,
+    },
     /// An internal lock was poisoned by a panic.
     #[error("aggregator state lock poisoned")]
     Poisoned,

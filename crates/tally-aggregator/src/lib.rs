@@ -22,12 +22,12 @@
 //! and never locked; nothing is shared between tasks except read-only settings and the
 //! (thread-safe) producer they write side records through. Commits, aborts and
 //! rebalances happen between batches on the loop's thread, so the checkpoint protocol
-//! below is the same as with one thread. Restores of several newly assigned partitions
-//! also run in parallel on the pool. A rebalance callback can run inside a poll in the
-//! middle of collecting a batch; records polled before it, for a partition it rewound
-//! or reassigned, are dropped from the batch (the consumer was seeked back to where the
-//! state now is and delivers them again), while records of untouched partitions are
-//! processed normally.
+//! below is the same as with one thread. Restores run on threads of their own (one per
+//! restoring partition, not the pool), while the loop keeps polling. A rebalance
+//! callback can run inside a poll in the middle of collecting a batch; records polled
+//! before it, for a partition it rewound or reassigned, are dropped from the batch (the
+//! consumer was seeked back to where the state now is and delivers them again), while
+//! records of untouched partitions are processed normally.
 //!
 //! # Checkpoints and exactly-once semantics
 //!
@@ -51,16 +51,26 @@
 //! offset `C` is a function of the partition's clock at a low-water offset `L` and the
 //! records of `[L, C)`, where `L` is the first counted offset of the oldest window that
 //! still has live state (see "Bounded restore" in `tally_core::partition`). On
-//! assignment the aggregator reads `C` and the checkpoint with `committed_offsets` —
-//! for a read_committed consumer librdkafka asks for *stable* offsets, so a previous
-//! owner's pending transaction resolves first — checks that the checkpoint was built
+//! assignment the rebalance callback only records the partition and pauses it; outside
+//! the callback the aggregator reads `C` and the checkpoint with `committed_offsets` on
+//! a helper thread — for a read_committed consumer librdkafka asks for *stable*
+//! offsets, so a previous owner's pending transaction resolves first — checks that the
+//! checkpoint was built
 //! under the same semantics (settings and contract versions; a new contract version
 //! that starts after the partition's largest counted event time is not a change), and
-//! re-reads `[L, C)` with a separate read_committed consumer, applying every record
-//! exactly as the live loop did and discarding the rows and side records (they were
-//! committed with `C`). The rebuilt state must have the committed digest; otherwise it
-//! cannot be trusted and the aggregator stops with an error rather than bill from a
-//! wrong state. Input deleted below `L` (retention, `DeleteRecords`) is never needed;
+//! re-reads `[L, C)` on a thread of its own with a separate read_committed consumer,
+//! applying every record exactly as the live loop did and discarding the rows and side
+//! records (they were committed with `C`). The rebuilt state must have the committed
+//! digest; otherwise it cannot be trusted and the aggregator stops with an error rather
+//! than bill from a wrong state. Only then is the group consumer seeked to `C` and the
+//! partition resumed. Meanwhile the loop keeps polling (a paused partition delivers
+//! nothing), so a restore longer than `max.poll.interval.ms` does not evict the member,
+//! and the partition is left out of every commit's offsets: `TxnOffsetCommit` writes
+//! only the partitions it lists, so its committed offset and checkpoint stay what the
+//! previous owner committed, as if re-sent unchanged. A partition revoked during its
+//! restore has the re-read cancelled (a flag checked before every record) and is
+//! forgotten; its new owner restores it from the same checkpoint. Input deleted below
+//! `L` (retention, `DeleteRecords`) is never needed;
 //! input deleted at or above it makes the restore refuse by name. See [`restore`].
 //!
 //! **Aborts.** After any abort — an abortable transaction error, a failed commit, lost
@@ -90,6 +100,9 @@
 //!   restarts).
 //! - *Rebalance*: before revoked partitions are released, the open transaction commits
 //!   (with offsets for all owned partitions); partitions reported lost abort it instead.
+//!   Revoked partitions still restoring had nothing processed: they are only forgotten.
+//! - *Long restore*: the member keeps polling while it restores, so it is not evicted
+//!   past `max.poll.interval.ms` and the group does not rebalance in a loop.
 //! - *Restart with another instance id*: the new owner reads the same committed offsets;
 //!   the old transactional id's open transaction times out before `committed_offsets`
 //!   returns stable offsets.
@@ -109,7 +122,8 @@
 //! arrival after an idle period.
 //!
 //! **Shutdown.** SIGTERM commits the open transaction and leaves the group. Once it is
-//! requested, assignments that still arrive are not taken (no restore starts) and every
+//! requested, running restores are cancelled, assignments that still arrive are not
+//! taken (no restore starts) and every
 //! transaction call is limited to 1.5 s, so a process exits within a few seconds even
 //! when every member of the group stops at once.
 //!
@@ -123,12 +137,13 @@
 //! time's worth of input, plus up to `max_event_time_ahead_ms` when events stamped
 //! ahead opened windows early, and further back only while a conflicting duplicate of
 //! an older event pins it; never the partition's history (the kill soak measures it).
-//! The restore still runs inside the rebalance callback, so a restore longer than
-//! `max.poll.interval.ms` costs a rebalance. Snapshots at commit are deep clones of the partitions that changed:
-//! O(state) per commit interval. Parallelism within a process is bounded by the
-//! partitions present in a batch: librdkafka delivers each partition's fetched data as
-//! one run, so a batch spans several partitions only when fetch responses are smaller
-//! than a batch; beyond one process, scale out with more processes in the group.
+//! A restore runs outside the rebalance callback, so however long it takes it costs no
+//! rebalance; the partition's input waits meanwhile. Snapshots at commit are deep
+//! clones of the partitions that changed: O(state) per commit interval. Parallelism
+//! within a process is bounded by the partitions present in a batch: librdkafka
+//! delivers each partition's fetched data as one run, so a batch spans several
+//! partitions only when fetch responses are smaller than a batch; beyond one process,
+//! scale out with more processes in the group.
 //!
 //! # Layout
 //!
@@ -138,7 +153,10 @@
 //!   restore-consumer configs, and the client contexts;
 //! - `engine/`: the Kafka loop — `mod.rs` (the engine, batches, ticks, gauges),
 //!   `partition.rs` (an owned partition's live and committed state), `transaction.rs`
-//!   (commit, abort, recover), `rebalance.rs` (assignment and revocation), `run.rs`
+//!   (commit, abort, recover), `rebalance.rs` (the rebalance callback: record and
+//!   pause assigned partitions, commit and forget revoked ones), `assign.rs` (pending
+//!   partitions: committed-offset fetch and restore off the loop, then seek, resume and
+//!   own), `run.rs`
 //!   ([`run`], its incarnations and the poll loop);
 //! - `decide.rs`: the loop's decisions (tick or not, abort or stop, restart, settled,
 //!   where an assigned partition starts) as pure functions over observed facts, unit-

@@ -64,6 +64,17 @@ pub const RESTORED_RECORDS: &str = "tally_aggregator_restored_records_total";
 /// Partitions whose state was rebuilt from their committed checkpoint after an
 /// assignment (partitions without a committed offset start fresh and are not counted).
 pub const PARTITION_RESTORES: &str = "tally_aggregator_partition_restores_total";
+/// Partitions the group assigned to this member (one per partition and rebalance that
+/// added it): under a stable group it stays at the partitions first assigned.
+pub const PARTITION_ASSIGNMENTS: &str = "tally_aggregator_partition_assignments_total";
+/// Partitions the group took from this member (revoked or lost).
+pub const PARTITION_REVOCATIONS: &str = "tally_aggregator_partition_revocations_total";
+/// Partition restores cancelled because the partition was revoked (or the process
+/// stopped) before its re-read finished.
+pub const RESTORES_CANCELLED: &str = "tally_aggregator_partition_restores_cancelled_total";
+/// Partitions assigned but not owned yet: their committed offset is being fetched or
+/// their state re-read (they are paused meanwhile).
+pub const RESTORING_PARTITIONS: &str = "tally_aggregator_restoring_partitions";
 /// Tokens in committed billing rows, by `cloud` and `kind`.
 pub const TOKENS: &str = "tally_aggregator_tokens_total";
 /// Gross revenue in committed billing rows, micro-units of the currency, by `cloud`.
@@ -167,6 +178,26 @@ pub fn describe() {
         PARTITION_RESTORES,
         Unit::Count,
         "Partitions whose state was rebuilt from their committed checkpoint."
+    );
+    describe_counter!(
+        PARTITION_ASSIGNMENTS,
+        Unit::Count,
+        "Partitions the consumer group assigned to this member."
+    );
+    describe_counter!(
+        PARTITION_REVOCATIONS,
+        Unit::Count,
+        "Partitions the consumer group revoked from this member (or reported lost)."
+    );
+    describe_counter!(
+        RESTORES_CANCELLED,
+        Unit::Count,
+        "Partition restores cancelled because the partition was revoked before the re-read finished."
+    );
+    describe_gauge!(
+        RESTORING_PARTITIONS,
+        Unit::Count,
+        "Partitions assigned and paused while their committed offset is fetched or their state re-read."
     );
     describe_counter!(
         TOKENS,
@@ -373,6 +404,26 @@ pub(crate) fn count_abort() {
 pub(crate) fn count_restored(records: u64) {
     counter!(PARTITION_RESTORES).increment(1);
     counter!(RESTORED_RECORDS).increment(records);
+}
+
+/// Counts partitions assigned to this member.
+pub(crate) fn count_assigned(partitions: usize) {
+    counter!(PARTITION_ASSIGNMENTS).increment(partitions as u64);
+}
+
+/// Counts partitions revoked from this member.
+pub(crate) fn count_revoked(partitions: usize) {
+    counter!(PARTITION_REVOCATIONS).increment(partitions as u64);
+}
+
+/// Counts a restore cancelled by a revocation.
+pub(crate) fn count_restore_cancelled() {
+    counter!(RESTORES_CANCELLED).increment(1);
+}
+
+/// Sets the number of partitions assigned but not owned yet.
+pub(crate) fn set_restoring(partitions: usize) {
+    gauge!(RESTORING_PARTITIONS).set(partitions as f64);
 }
 
 /// Counts a stop caused by an abort loop.

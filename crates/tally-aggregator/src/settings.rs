@@ -63,6 +63,11 @@ pub struct AggregateArgs {
     /// Test hook: abort every k-th transaction (k ≥ 2) instead of committing it.
     #[arg(long, value_parser = clap::value_parser!(u32).range(2..))]
     pub abort_every: Option<u32>,
+    /// Test hook: every partition restore takes at least this long (the re-read is
+    /// paced evenly over its range and stays cancellable), to show that a restore
+    /// longer than `max.poll.interval.ms` keeps the member in the group.
+    #[arg(long)]
+    pub restore_min_duration_ms: Option<u64>,
     /// Exit 0 once every owned partition has sat at its end for this long after its
     /// last usage record and its tick was read back (for tests and batch catch-up).
     #[arg(long)]
@@ -87,6 +92,8 @@ pub struct AggregatorSettings {
     pub commit_interval: Duration,
     /// Abort every k-th transaction (test hook).
     pub abort_every: Option<NonZeroU32>,
+    /// Minimum duration of every partition restore (test hook, see [`AggregateArgs`]).
+    pub restore_min_duration: Option<Duration>,
     /// Exit once every partition settled for this long (see [`AggregateArgs`]).
     pub exit_after_idle: Option<Duration>,
     /// Liveness and readiness, reported by the loop (shared by every clone of these
@@ -110,6 +117,7 @@ impl AggregatorSettings {
             start_from: None,
             commit_interval,
             abort_every: None,
+            restore_min_duration: None,
             exit_after_idle: None,
             health: Health::new(),
         }
@@ -140,6 +148,7 @@ impl AggregatorSettings {
             settings.commit_interval = Duration::from_millis(ms);
         }
         settings.abort_every = args.abort_every.and_then(NonZeroU32::new);
+        settings.restore_min_duration = args.restore_min_duration_ms.map(Duration::from_millis);
         settings.exit_after_idle = args.exit_after_idle_ms.map(Duration::from_millis);
         settings.validate()?;
         Ok(settings)

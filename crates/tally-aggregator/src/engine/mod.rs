@@ -2,8 +2,9 @@
 //!
 //! The loop runs on the caller's thread (librdkafka calls block). The [`Engine`] lives
 //! in the consumer's context behind a mutex, because the rebalance callback — which
-//! runs inside `poll` on the same thread — must commit, restore and drop partition
-//! state; the loop never holds the lock across `poll`. Batches of polled records are
+//! runs inside `poll` on the same thread — must commit and drop partition state and
+//! record new assignments; the loop never holds the lock across `poll`. Restores run
+//! on threads of their own while the loop keeps polling (`assign.rs`). Batches of polled records are
 //! processed by per-partition tasks on the worker pool while the loop waits
 //! ([`Engine::on_batch`]; see the crate docs).
 //!
@@ -14,14 +15,17 @@
 //!   committed state;
 //! - `transaction.rs`: the transaction — commit with offsets and checkpoints, abort,
 //!   recover from a failed call;
-//! - `rebalance.rs`: the consumer context — assignment (restore or start) and
-//!   revocation;
+//! - `rebalance.rs`: the consumer context and its rebalance callback — record and
+//!   pause assigned partitions, commit (or abort) and forget revoked ones;
+//! - `assign.rs`: pending partitions — the committed-offset fetch and the restore,
+//!   off the loop and outside the callback, then seek, resume and own;
 //! - `run.rs`: [`run`], its incarnations and the poll loop (`drive`).
 //!
 //! The loop's decisions (tick or not, abort or stop, restart, settled, where a partition
 //! starts) are pure functions in [`crate::decide`]; Kafka clients and their configs are
 //! built in [`crate::kafka`].
 
+mod assign;
 mod partition;
 mod rebalance;
 mod run;
@@ -50,6 +54,7 @@ use crate::metrics::{self as m, PendingTotals};
 use crate::record::{InputRecord, RecordOutcome, RecordRules, TOO_LATE, apply_record, side_record};
 use crate::settings::AggregatorSettings;
 
+use assign::{AssignChannel, PendingPartition};
 use partition::OwnedPartition;
 use rebalance::AggregatorContext;
 pub use run::{ExitReason, RunSummary, run};
@@ -198,14 +203,21 @@ pub(crate) struct Engine {
     semantics_wire: String,
     in_transaction: bool,
     partitions: BTreeMap<i32, OwnedPartition>,
+    /// Partitions assigned and paused, not owned yet (see `assign.rs`): never in a
+    /// transaction's offsets.
+    pending_partitions: BTreeMap<i32, PendingPartition>,
+    /// Reports of the committed-offset fetch and restore threads.
+    assign_channel: AssignChannel,
+    /// The last ticket handed to a pending partition.
+    next_ticket: u64,
     transactions_attempted: u64,
     consecutive_aborts: u32,
     pending: PendingTotals,
     summary: RunSummary,
     /// Set once the process must stop: callbacks then only unassign.
     failed: bool,
-    /// Set once shutdown was requested: assignments are ignored (no restore starts)
-    /// and transaction calls get [`SHUTDOWN_CALL_TIMEOUT`].
+    /// Set once shutdown was requested: assignments are ignored (no restore starts),
+    /// pending partitions are forgotten and transaction calls get [`SHUTDOWN_CALL_TIMEOUT`].
     stopping: bool,
     last_commit: Instant,
     last_gauges: Instant,
@@ -398,6 +410,9 @@ impl Engine {
     /// Whether every owned partition sat at its end for `quiet` after its last usage
     /// record, with its tick read back (or none needed) and everything committed.
     fn all_settled(&self, quiet: Duration) -> bool {
+        if !self.pending_partitions.is_empty() {
+            return false;
+        }
         let now = now_ms();
         let partitions = self
             .partitions
@@ -428,5 +443,6 @@ impl Engine {
             m::set_partition(*partition, delay, lag);
         }
         m::set_state(open_windows, state_bytes);
+        m::set_restoring(self.pending_partitions.len());
     }
 }

@@ -1,29 +1,23 @@
 //! Rebalances: the consumer context holds the [`Engine`], because librdkafka runs the
-//! rebalance callback inside `poll`. Assigned partitions are restored from their
-//! committed offset and checkpoint or started fresh; revoked partitions are committed
-//! first (or aborted when lost).
+//! rebalance callback inside `poll`. The callback does nothing that can take long:
+//! assigned partitions are recorded as pending, assigned and paused, and restored or
+//! started fresh by the loop outside the callback (see `assign.rs`); revoked partitions
+//! that are still pending are forgotten (their restore cancelled), owned ones are
+//! committed first (or aborted when lost).
 
 use std::sync::{Mutex, MutexGuard};
 
-use rayon::iter::{IntoParallelRefIterator, ParallelIterator};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tally_core::partition::PartitionState;
-use tally_core::semantics::{Semantics, check_restart};
 use tracing::{info, warn};
 
-use super::partition::OwnedPartition;
-use super::{Engine, KAFKA_TIMEOUT, now_ms};
-use crate::checkpoint::Checkpoint;
-use crate::decide::{StartDecision, start_decision};
+use super::{Engine, KAFKA_TIMEOUT};
 use crate::error::AggregatorError;
 use crate::kafka::{log_client_error, log_librdkafka};
 use crate::metrics as m;
-use crate::record::RecordRules;
-use crate::restore::{Restored, rebuild_partition};
 use crate::settings::StartFrom;
 
 impl Engine {
@@ -71,147 +65,6 @@ impl Engine {
         }
     }
 
-    /// Takes ownership of newly assigned partitions: restores or starts each one and
-    /// writes its start offset into `assignment`.
-    pub(super) fn on_assign(
-        &mut self,
-        consumer: &BaseConsumer<AggregatorContext>,
-        assignment: &mut TopicPartitionList,
-    ) -> Result<(), AggregatorError> {
-        // The stable committed-offset fetch below waits for the previous owner's open
-        // transaction to end, which can take up to its transaction timeout. Our own open
-        // transaction would time out meanwhile and the coordinator's epoch bump would
-        // fence this producer, so commit it first.
-        self.settings
-            .health
-            .set_phase(tally_core::health::Phase::Restoring);
-        if self.in_transaction {
-            self.commit(consumer)?;
-        }
-        let topic = self.topic().to_owned();
-        let mut query = TopicPartitionList::new();
-        for element in assignment.elements() {
-            query.add_partition(element.topic(), element.partition());
-        }
-        let committed = consumer
-            .committed_offsets(query, KAFKA_TIMEOUT)
-            .map_err(|source| AggregatorError::Kafka {
-                operation: "fetch committed offsets",
-                source,
-            })?;
-        // Read every checkpoint first, then rebuild the partitions that have one, in
-        // parallel on the worker pool: a restore re-reads the partition's history.
-        let mut to_restore = Vec::new();
-        let mut fresh = Vec::new();
-        let mut refused = Vec::new();
-        for element in committed.elements() {
-            let partition = element.partition();
-            let restore = match element.offset() {
-                Offset::Offset(committed_offset) => {
-                    let checkpoint =
-                        Checkpoint::from_metadata(element.metadata()).map_err(|source| {
-                            AggregatorError::BadCheckpoint {
-                                partition,
-                                offset: committed_offset,
-                                source,
-                            }
-                        })?;
-                    let committed_semantics = Semantics::from_wire(&checkpoint.semantics)?;
-                    check_restart(
-                        &committed_semantics,
-                        &self.semantics,
-                        checkpoint.digest.clock.max_event_time_ms,
-                    )
-                    .map_err(|change| AggregatorError::SemanticsChanged {
-                        partition,
-                        source: Box::new(change),
-                    })?;
-                    Some((
-                        partition,
-                        checkpoint,
-                        committed_offset,
-                        element.metadata().to_owned(),
-                    ))
-                }
-                _ => None,
-            };
-            match start_decision(restore, self.settings.start_from) {
-                StartDecision::Restore(restore) => to_restore.push(restore),
-                StartDecision::Fresh(start_from) => fresh.push((partition, start_from)),
-                StartDecision::Refuse => refused.push(partition),
-            }
-        }
-        let rules = RecordRules {
-            contracts: &self.settings.contracts,
-            limits: &self.limits,
-            partition_count: self.partition_count,
-        };
-        let settings = &self.settings;
-        let rebuild =
-            |(partition, checkpoint, committed_offset, _): &(i32, Checkpoint, i64, String)| {
-                rebuild_partition(settings, &rules, *partition, checkpoint, *committed_offset)
-            };
-        let rebuilt: Vec<Result<Restored, AggregatorError>> = match &self.workers {
-            Some(pool) if to_restore.len() > 1 => {
-                pool.install(|| to_restore.par_iter().map(rebuild).collect())
-            }
-            _ => to_restore.iter().map(rebuild).collect(),
-        };
-        let mut owned_partitions = Vec::with_capacity(to_restore.len() + fresh.len());
-        for ((partition, checkpoint, committed_offset, metadata), restored) in
-            to_restore.into_iter().zip(rebuilt)
-        {
-            let restored = restored?;
-            m::count_restored(restored.records);
-            self.summary.records_restored += restored.records;
-            let owned = OwnedPartition::new(
-                restored.state,
-                committed_offset,
-                metadata,
-                checkpoint.idle_base_ms,
-                self.next_epoch(),
-            );
-            owned_partitions.push((partition, owned));
-        }
-        if let Some(&partition) = refused.first() {
-            return Err(AggregatorError::NoStartPosition {
-                topic: topic.clone(),
-                partition,
-                group: self.settings.config.aggregator.group_id.clone(),
-            });
-        }
-        for (partition, start_from) in fresh {
-            let start = self.resolve_start(consumer, partition, start_from)?;
-            info!(
-                partition,
-                start,
-                ?start_from,
-                "partition has no committed offset, starting fresh"
-            );
-            let state = PartitionState::new(self.settings.partition_params(partition))?;
-            let mut owned =
-                OwnedPartition::new(state, start, String::new(), now_ms(), self.next_epoch());
-            // Commit the start position at the next commit, so a restart never needs
-            // --start-from again.
-            owned.dirty = true;
-            owned_partitions.push((partition, owned));
-        }
-        for (partition, owned) in owned_partitions {
-            assignment
-                .set_partition_offset(&topic, partition, Offset::Offset(owned.next_offset))
-                .map_err(|source| AggregatorError::Kafka {
-                    operation: "set start offset",
-                    source,
-                })?;
-            info!(partition, offset = owned.next_offset, "partition assigned");
-            self.partitions.insert(partition, owned);
-        }
-        self.settings
-            .health
-            .set_phase(tally_core::health::Phase::Running);
-        Ok(())
-    }
-
     /// Gives up revoked partitions: commits everything first (or, when the partitions
     /// were lost to another member, aborts, since their work may be redone there).
     pub(super) fn on_revoke(
@@ -224,6 +77,13 @@ impl Engine {
             .iter()
             .map(|element| element.partition())
             .collect();
+        m::count_revoked(revoked.len());
+        // Pending partitions processed nothing: forgetting them is all there is to do.
+        let revoked = self.forget_revoked(&revoked);
+        if revoked.is_empty() {
+            info!("pending partitions revoked");
+            return Ok(());
+        }
         if self.failed {
             for partition in &revoked {
                 self.partitions.remove(partition);
@@ -303,7 +163,7 @@ impl ConsumerContext for AggregatorContext {
                     if engine.failed || engine.stopping {
                         return Ok(false);
                     }
-                    engine.on_assign(consumer, tpl).map(|()| true)
+                    engine.on_assign(tpl).map(|()| true)
                 });
                 match result {
                     // Stopping: the partitions are not taken (no restore, no fetch);
@@ -320,11 +180,22 @@ impl ConsumerContext for AggregatorContext {
                         } else {
                             consumer.assign(tpl)
                         };
-                        if let Err(source) = assigned {
-                            self.defer(AggregatorError::Kafka {
+                        // Paused until restored: the loop seeks and resumes each one.
+                        let paused = assigned
+                            .map_err(|source| AggregatorError::Kafka {
                                 operation: "assign",
                                 source,
+                            })
+                            .and_then(|()| {
+                                consumer
+                                    .pause(tpl)
+                                    .map_err(|source| AggregatorError::Kafka {
+                                        operation: "pause assigned partitions",
+                                        source,
+                                    })
                             });
+                        if let Err(error) = paused {
+                            self.defer(error);
                         }
                     }
                     Err(error) => self.defer(error),

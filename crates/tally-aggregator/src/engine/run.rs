@@ -14,6 +14,7 @@ use tally_core::partition::PartitionCounters;
 use tally_core::semantics::Semantics;
 use tracing::{error, info, warn};
 
+use super::assign::AssignChannel;
 use super::rebalance::AggregatorContext;
 use super::transaction::{CommitOutcome, classify, is_fatal};
 use super::{Engine, KAFKA_TIMEOUT, Polled};
@@ -313,6 +314,9 @@ fn start_incarnation(
         semantics,
         in_transaction: false,
         partitions: BTreeMap::new(),
+        pending_partitions: BTreeMap::new(),
+        assign_channel: AssignChannel::new(),
+        next_ticket: 0,
         transactions_attempted: 0,
         consecutive_aborts: 0,
         pending: PendingTotals::default(),
@@ -378,7 +382,9 @@ fn drive(
     loop {
         if shutdown.load(Ordering::SeqCst) {
             info!("shutdown requested");
-            context.engine()?.stopping = true;
+            let mut engine = context.engine()?;
+            engine.stopping = true;
+            engine.forget_all_pending();
             return Ok(ExitReason::Shutdown);
         }
         // Collect a batch: wait for the first record, then take what is buffered, up to
@@ -435,6 +441,7 @@ fn drive(
         let processed = engine.on_batch(&batch, now);
         batch.clear();
         processed?;
+        engine.serve_pending(consumer)?;
         if let Some(partition) = end_reached {
             engine.on_eof(partition);
         }

@@ -1,0 +1,213 @@
+//! Restores run outside the rebalance callback: a member whose restore takes several
+//! times `max.poll.interval.ms` stays in the group, and a partition revoked in the
+//! middle of its restore has the restore cancelled and is restored once by its new
+//! owner. Real `tally aggregate` processes against a real Kafka broker; every
+//! observation is a `/metrics` counter or the group's committed offsets, never log
+//! text; the outputs equal the generator's ground truth.
+//!
+//! Needs `TALLY_TEST_BOOTSTRAP`.
+
+mod support;
+
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::eos::{
+    AggregatorProcess, ChildConfig, EventTime, PacedInput, create_outputs, free_port,
+    fresh_outputs, input_fully_committed, verify_against_truth, wait_until,
+};
+use support::prometheus::{Exposition, counter, try_scrape};
+use support::{TestTopics, rand_name};
+
+const PARTITIONS: i32 = 2;
+const OUTPUT_PARTITIONS: i32 = 2;
+/// `max.poll.interval.ms` (and the session timeout, which librdkafka requires to be no
+/// larger) of the members.
+const MAX_POLL_INTERVAL_MS: u64 = 3_000;
+/// The restore test hook: every restore of member `b` takes at least this long, four
+/// times `max.poll.interval.ms`.
+const RESTORE_MS: u64 = 12_000;
+/// Bound of any single wait for progress.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound of a clean stop after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+const ASSIGNMENTS: &str = "tally_aggregator_partition_assignments_total";
+const REVOCATIONS: &str = "tally_aggregator_partition_revocations_total";
+const RESTORES: &str = "tally_aggregator_partition_restores_total";
+const RESTORED_RECORDS: &str = "tally_aggregator_restored_records_total";
+const CANCELLED: &str = "tally_aggregator_partition_restores_cancelled_total";
+const RESTORING: &str = "tally_aggregator_restoring_partitions";
+
+/// A group member with its own `/metrics` endpoint.
+struct Member {
+    process: AggregatorProcess,
+    metrics: String,
+}
+
+impl Member {
+    fn spawn(
+        child: &ChildConfig,
+        topics: &TestTopics,
+        dir: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> Member {
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut child = child.clone();
+        child.metrics_listen = metrics.clone();
+        let config = child.write(dir, name, topics, PARTITIONS);
+        let process = AggregatorProcess::spawn(&config, &rand_name(name), dir, name, extra);
+        Member { process, metrics }
+    }
+
+    /// A scrape of a member that must be running (retried while its endpoint starts).
+    fn scrape(&mut self) -> Exposition {
+        let started = Instant::now();
+        loop {
+            if let Some(exposition) = try_scrape(&self.metrics) {
+                return exposition;
+            }
+            assert!(
+                self.process.try_status().is_none(),
+                "{} exited; log:\n{}",
+                self.process.instance_id,
+                self.process.log_tail(40)
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{} serves no metrics; log:\n{}",
+                self.process.instance_id,
+                self.process.log_tail(40)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn counter(&mut self, name: &str) -> f64 {
+        counter(&self.scrape(), name)
+    }
+
+    fn terminate(mut self) {
+        let status = self.process.terminate(STOP_TIMEOUT);
+        assert!(
+            status.success(),
+            "{} exits 0 after SIGTERM ({status}); log:\n{}",
+            self.process.instance_id,
+            self.process.log_tail(40)
+        );
+    }
+}
+
+/// `a` consumes the first part of a live stream from scratch and leaves (SIGTERM:
+/// commit, leave). `b` joins alone and gets both partitions; its restores take 12 s,
+/// four times `max.poll.interval.ms`. While `b` restores, `c` joins: the cooperative
+/// rebalance moves one partition from `b` to `c`, `b`'s restore of it is cancelled and
+/// `c` restores it. `b` finishes restoring the other partition 12 s after it started
+/// and is never evicted: each member saw exactly the rebalances the joins caused (`b`:
+/// two partitions assigned, one revoked; `c`: one assigned, none revoked), each
+/// partition was restored exactly once, and the outputs are exact.
+#[test]
+fn a_restore_longer_than_max_poll_interval_keeps_the_member_and_a_revoke_cancels_it() {
+    let test_started = Instant::now();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let event_time = EventTime::EOS;
+    // ~10 s of live input: it keeps arriving while `b` restores.
+    let stream = PacedInput::start(
+        &rand_name("restore-events"),
+        event_time.generator(8_000, 37, PARTITIONS),
+        true,
+        800,
+    );
+    let outputs = fresh_outputs(&stream.topic);
+    create_outputs(&outputs, OUTPUT_PARTITIONS);
+    let group = rand_name("restore-group");
+    let interval = MAX_POLL_INTERVAL_MS.to_string();
+    let child = ChildConfig::new(&group, event_time, OUTPUT_PARTITIONS)
+        .live_stream()
+        .with_client(&[
+            ("session.timeout.ms", interval.as_str()),
+            ("heartbeat.interval.ms", "500"),
+            ("max.poll.interval.ms", interval.as_str()),
+        ]);
+
+    let mut a = Member::spawn(&child, &outputs, dir.path(), "a", &[]);
+    let total = stream.total_offsets();
+    wait_until(PROGRESS_TIMEOUT, "a quarter of the input committed", || {
+        stream.committed(&group) >= total / 4
+    });
+    assert_eq!(a.counter(RESTORES), 0.0, "a started both partitions fresh");
+    a.terminate();
+
+    let restore_ms = RESTORE_MS.to_string();
+    let mut b = Member::spawn(
+        &child,
+        &outputs,
+        dir.path(),
+        "b",
+        &["--restore-min-duration-ms", &restore_ms],
+    );
+    wait_until(PROGRESS_TIMEOUT, "b restores both partitions", || {
+        counter(&b.scrape(), RESTORING) == 2.0
+    });
+    let b_restoring_since = Instant::now();
+    let mut c = Member::spawn(&child, &outputs, dir.path(), "c", &[]);
+    wait_until(PROGRESS_TIMEOUT, "c restored its partition", || {
+        c.counter(RESTORES) >= 1.0
+    });
+    assert_eq!(
+        b.counter(CANCELLED),
+        1.0,
+        "b's restore of the partition that moved to c was cancelled"
+    );
+    wait_until(
+        PROGRESS_TIMEOUT,
+        "b restored its remaining partition",
+        || b.counter(RESTORES) >= 1.0,
+    );
+    let b_restore = b_restoring_since.elapsed();
+    eprintln!("b's restore took {b_restore:?}");
+    assert!(
+        b_restore >= Duration::from_millis(3 * MAX_POLL_INTERVAL_MS),
+        "the restore outlasted max.poll.interval.ms several times over ({b_restore:?})"
+    );
+
+    let input = stream.finish();
+    wait_until(PROGRESS_TIMEOUT, "the whole input committed", || {
+        input_fully_committed(&input, &group)
+    });
+    let b_metrics = b.scrape();
+    let c_metrics = c.scrape();
+    let b_counts = [
+        counter(&b_metrics, ASSIGNMENTS),
+        counter(&b_metrics, REVOCATIONS),
+        counter(&b_metrics, RESTORES),
+        counter(&b_metrics, CANCELLED),
+    ];
+    let c_counts = [
+        counter(&c_metrics, ASSIGNMENTS),
+        counter(&c_metrics, REVOCATIONS),
+        counter(&c_metrics, RESTORES),
+        counter(&c_metrics, CANCELLED),
+    ];
+    eprintln!("assigned, revoked, restored, cancelled: b {b_counts:?}, c {c_counts:?}");
+    assert_eq!(
+        b_counts,
+        [2.0, 1.0, 1.0, 1.0],
+        "b: both partitions assigned once, one moved to c mid-restore, no eviction"
+    );
+    assert_eq!(
+        c_counts,
+        [1.0, 0.0, 1.0, 0.0],
+        "c: one partition assigned and restored, nothing revoked"
+    );
+    assert!(
+        counter(&b_metrics, RESTORED_RECORDS) > 0.0 && counter(&c_metrics, RESTORED_RECORDS) > 0.0,
+        "both restores re-read input"
+    );
+    b.terminate();
+    c.terminate();
+    verify_against_truth(&input, &outputs, &group, OUTPUT_PARTITIONS);
+    eprintln!("wall time {:?}", test_started.elapsed());
+}
