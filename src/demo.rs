@@ -377,10 +377,14 @@ pub(crate) async fn run(base: Config, args: &DemoArgs) -> anyhow::Result<()> {
         if let Some(truth) = &truth
             && drained_at.is_none()
             && sample.consumed >= truth.produced
+            && sample.gateway_ticks_read() >= u64::from(args.partitions)
             && sample.open_windows == 0
         {
-            // Every record is committed and the closing ticks closed every pane: the
-            // shutdown commits what is open and returns the committed counters.
+            // Every record is committed and the closing ticks (read in committed
+            // transactions, which drained the rows they closed) closed every pane: the
+            // shutdown commits what is open and returns the committed counters. The
+            // open-windows gauge alone is not enough: it is refreshed every few seconds
+            // and reads 0 before the first partition is restored.
             drained_at = Some(Instant::now());
             aggregator_stop.store(true, Ordering::Release);
             let finished = (&mut aggregator)
@@ -620,6 +624,8 @@ struct Sample {
     open_windows: u64,
     rows_emitted: u64,
     rows_stored: u64,
+    ticks_read: u64,
+    ticks_written: u64,
 }
 
 impl Sample {
@@ -632,7 +638,16 @@ impl Sample {
             open_windows: value(tally_aggregator::metrics::OPEN_WINDOWS),
             rows_emitted: value(tally_aggregator::metrics::EMITTED_ROWS),
             rows_stored: value(tally_sink::metrics::ROWS_WRITTEN),
+            ticks_read: value(tally_aggregator::metrics::TICKS_READ),
+            ticks_written: value(tally_aggregator::metrics::TICKS_WRITTEN),
         }
+    }
+
+    /// Committed ticks read that the aggregator did not write itself: at most the
+    /// gateway ticks read (a tick the aggregator wrote counts as written before it is
+    /// read back), so reaching the partition count means every closing tick was read.
+    fn gateway_ticks_read(&self) -> u64 {
+        self.ticks_read.saturating_sub(self.ticks_written)
     }
 }
 
