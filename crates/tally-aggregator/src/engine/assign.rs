@@ -7,7 +7,7 @@
 //! waits out a previous owner's open transaction (up to its transaction timeout), so
 //! neither may run inside the callback. The callback therefore only:
 //! 1. records each assigned partition as pending, with a cancellation flag;
-//! 2. assigns it at a placeholder position (`OFFSET_END`, never fetched from) and
+//! 2. assigns it at a placeholder position (absolute offset 0, never fetched from) and
 //!    pauses it, so the consumer delivers nothing of it;
 //! 3. starts a helper thread that fetches the partitions' *stable* committed offsets
 //!    and checkpoints with a consumer of its own (same group id and isolation, never
@@ -213,10 +213,14 @@ impl Engine {
         let mut tickets = Vec::with_capacity(partitions.len());
         for &partition in &partitions {
             // Never fetched from: the partition is paused, and seeked to its start
-            // before it is resumed. END needs no committed offset and cannot be out of
-            // range.
+            // before it is resumed. The placeholder is an absolute offset on purpose:
+            // a logical one (END, BEGINNING, STORED) starts an offset lookup that can
+            // complete after the seek and move the position back to its own result
+            // (librdkafka issue #2256), which for END would skip input. An absolute
+            // offset needs no lookup; and were a seek ever lost, fetching from 0 only
+            // re-delivers records below the position, which the loop drops.
             assignment
-                .set_partition_offset(&topic, partition, Offset::End)
+                .set_partition_offset(&topic, partition, Offset::Offset(0))
                 .map_err(|source| AggregatorError::Kafka {
                     operation: "set placeholder offset",
                     source,
