@@ -23,13 +23,16 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls};
 use tracing::debug;
 
 use crate::error::SinkError;
-use crate::rows::{RollupKey, RollupSums, ShareKey, StoredRow};
-use crate::schema::{self, Dialect, MIGRATIONS, MIGRATIONS_TABLE, ROLLUP_KEY, ROW_COLUMNS};
+use crate::rows::{IDENTITY_COLUMNS, RollupKey, RollupSums, ShareKey, StoredIdentity, StoredRow};
+use crate::schema::{
+    self, Dialect, MIGRATIONS, MIGRATIONS_TABLE, ROLLUP_KEY, ROW_COLUMNS, WINDOW_KEYS_VERSION,
+};
 use crate::store::{Batch, BatchOutcome, BatchPlan, now_ms};
 
 /// Advisory lock key serialising migrations between instances ("tally" in ASCII).
@@ -72,9 +75,9 @@ pub struct PgStore {
     url: String,
     timeout: Duration,
     client: Option<Client>,
-    /// Whether the connection's staging table exists (it is created by the first
-    /// batch that commits on a new connection).
-    staging_ready: bool,
+    /// Whether this connection's roll-up staging tables exist (created by the first
+    /// batch that commits on a connection).
+    rollup_staging_ready: bool,
     /// Test hook: a pause after a batch's writes and before its COMMIT, from
     /// `TALLY_SINK_TEST_COMMIT_DELAY_MS` (see [`COMMIT_DELAY_ENV`]).
     commit_delay: Option<Duration>,
@@ -95,6 +98,16 @@ fn pg(operation: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SinkErro
 impl PgStore {
     /// Connects and migrates.
     pub fn open(url: &str, timeout: Duration) -> Result<PgStore, SinkError> {
+        PgStore::open_upto(url, timeout, MIGRATIONS.len())
+    }
+
+    /// Opens the store with only the first `upto` migrations applied (tests of a
+    /// migration start from the schema before it).
+    pub(crate) fn open_upto(
+        url: &str,
+        timeout: Duration,
+        upto: usize,
+    ) -> Result<PgStore, SinkError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -104,10 +117,10 @@ impl PgStore {
             url: url.to_owned(),
             timeout,
             client: None,
-            staging_ready: false,
+            rollup_staging_ready: false,
             commit_delay: commit_delay_from_env(),
         };
-        store.migrate()?;
+        store.migrate(upto)?;
         Ok(store)
     }
 
@@ -148,7 +161,7 @@ impl PgStore {
             }
         });
         self.client = Some(client);
-        self.staging_ready = false;
+        self.rollup_staging_ready = false;
         Ok(())
     }
 
@@ -166,7 +179,8 @@ impl PgStore {
         result
     }
 
-    fn migrate(&mut self) -> Result<(), SinkError> {
+    /// Applies the missing migrations among the first `upto`.
+    pub(crate) fn migrate(&mut self, upto: usize) -> Result<(), SinkError> {
         with_client!(self, "migrate", |client| async {
             let tx = client.transaction().await.map_err(pg("begin"))?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -187,14 +201,17 @@ impl PgStore {
                     "schema version {applied} is newer than this binary's {known}"
                 )));
             }
-            for (index, sql) in MIGRATIONS.iter().enumerate() {
+            for (index, migration) in MIGRATIONS.iter().take(upto).enumerate() {
                 let version = i64::try_from(index).unwrap_or(i64::MAX) + 1;
                 if version <= applied {
                     continue;
                 }
-                tx.batch_execute(&schema::render(sql, Dialect::Postgres))
+                tx.batch_execute(&migration.sql(Dialect::Postgres))
                     .await
                     .map_err(pg("apply a migration"))?;
+                if version == WINDOW_KEYS_VERSION {
+                    record_foreign_ids(&tx).await?;
+                }
                 tx.execute(
                     "INSERT INTO tally_migrations (version, applied_at_ms) VALUES ($1, $2)",
                     &[&version, &now_ms()],
@@ -233,14 +250,16 @@ impl PgStore {
         plan: &BatchPlan,
     ) -> Result<BatchOutcome, SinkError> {
         self.ensure_connected()?;
-        let options = WriteOptions {
-            create_staging: !self.staging_ready,
-            commit_delay: self.commit_delay,
-        };
+        let commit_delay = self.commit_delay;
+        let create_rollup_staging = !self.rollup_staging_ready;
         let outcome = with_client!(self, "write a batch", |client| write(
-            client, batch, plan, options
+            client,
+            batch,
+            plan,
+            commit_delay,
+            create_rollup_staging
         ))?;
-        self.staging_ready = true;
+        self.rollup_staging_ready = true;
         Ok(outcome)
     }
 
@@ -330,13 +349,72 @@ fn commit_delay_from_env() -> Option<Duration> {
     (millis > 0).then(|| Duration::from_millis(millis))
 }
 
-/// Per-batch choices of [`write`].
-#[derive(Debug, Clone, Copy)]
-struct WriteOptions {
-    /// Create the connection's staging table first (a new connection).
-    create_staging: bool,
-    /// Test hook: wait this long before COMMIT.
-    commit_delay: Option<Duration>,
+/// Migration 3: records the foreign ids of the rows stored before it (one pass over
+/// the rows, in pages so a large store is not held in memory at once).
+async fn record_foreign_ids(tx: &tokio_postgres::Transaction<'_>) -> Result<(), SinkError> {
+    const PAGE: i64 = 10_000;
+    let mut after: Option<(i64, String)> = None;
+    loop {
+        let rows = match &after {
+            None => tx
+                .query(
+                    &format!(
+                        "SELECT {IDENTITY_COLUMNS} FROM tally_rows ORDER BY window_start_ms, id LIMIT $1"
+                    ),
+                    &[&PAGE],
+                )
+                .await,
+            Some((window, id)) => tx
+                .query(
+                    &format!(
+                        "SELECT {IDENTITY_COLUMNS} FROM tally_rows WHERE (window_start_ms, id) > ($1, $2) \
+                         ORDER BY window_start_ms, id LIMIT $3"
+                    ),
+                    &[window, id, &PAGE],
+                )
+                .await,
+        }
+        .map_err(pg("read row identities"))?;
+        let mut foreign_id: Vec<String> = Vec::new();
+        let mut foreign_window: Vec<i64> = Vec::new();
+        for row in &rows {
+            let identity = StoredIdentity {
+                id: row.get(0),
+                window_start_ms: row.get(1),
+                window_end_ms: row.get(2),
+                tenant_id: row.get(3),
+                model: row.get(4),
+                cloud: row.get(5),
+                channel_partner: row.get(6),
+                region: row.get(7),
+                price_book_version: row.get(8),
+                share_rule_version: row.get(9),
+                row_kind: row.get(10),
+                correction_seq: row.get(11),
+                source_topic: row.get(12),
+                source_partition: row.get(13),
+            };
+            if !identity.is_derived() {
+                foreign_window.push(identity.window_start_ms);
+                foreign_id.push(identity.id);
+            }
+        }
+        if !foreign_id.is_empty() {
+            tx.execute(
+                "INSERT INTO tally_foreign_row_ids (id, window_start_ms) \
+                 SELECT * FROM unnest($1::text[], $2::bigint[])",
+                &[&foreign_id, &foreign_window],
+            )
+            .await
+            .map_err(pg("record foreign ids"))?;
+        }
+        match rows.last() {
+            Some(last) if i64::try_from(rows.len()).unwrap_or(0) == PAGE => {
+                after = Some((last.get(1), last.get(0)));
+            }
+            _ => return Ok(()),
+        }
+    }
 }
 
 /// The staging table: `tally_rows`' columns without its keys and indexes, private to
@@ -379,16 +457,17 @@ const ROW_COPY_TYPES: [Type; 30] = [
     Type::INT8, // kafka_offset
 ];
 
-/// Streams the rows into `tally_rows_staging` with binary COPY; returns the rows
-/// copied.
-async fn copy_rows(
+/// Streams the rows into `table` (`tally_rows` or the staging table) with binary
+/// COPY; returns the rows copied.
+async fn copy_rows<'a>(
     tx: &tokio_postgres::Transaction<'_>,
-    rows: impl Iterator<Item = &StoredRow>,
+    table: &str,
+    rows: impl Iterator<Item = &'a StoredRow>,
 ) -> Result<u64, SinkError> {
     use crate::rows::to_i64;
     let sink = tx
         .copy_in(&format!(
-            "COPY tally_rows_staging ({ROW_COLUMNS}) FROM STDIN (FORMAT binary)"
+            "COPY {table} ({ROW_COLUMNS}) FROM STDIN (FORMAT binary)"
         ))
         .await
         .map_err(pg("copy rows"))?;
@@ -447,25 +526,240 @@ async fn copy_rows(
     writer.as_mut().finish().await.map_err(pg("copy rows"))
 }
 
-/// `unnest($1::t1[], $2::t2[], …)` for the given element types.
-fn unnest(types: &[&str]) -> String {
-    let arrays: Vec<String> = types
-        .iter()
-        .enumerate()
-        .map(|(index, ty)| format!("${}::{ty}[]", index + 1))
-        .collect();
-    format!("unnest({})", arrays.join(", "))
+/// The slow path of step 3: the rows through the staging table, `ON CONFLICT DO
+/// NOTHING`, then the stored digests of the rows whose key existed.
+async fn insert_skipping_known<'a>(
+    tx: &tokio_postgres::Transaction<'_>,
+    rows: &[(&'a StoredRow, bool)],
+    inserted: &mut HashSet<&'a str>,
+    stored_digests: &mut HashMap<String, String>,
+) -> Result<(), SinkError> {
+    tx.batch_execute(CREATE_STAGING)
+        .await
+        .map_err(pg("create the staging table"))?;
+    copy_rows(
+        tx,
+        "tally_rows_staging",
+        rows.iter().map(|(stored, _)| *stored),
+    )
+    .await?;
+    let returned = tx
+        .query(
+            &format!(
+                "INSERT INTO tally_rows ({ROW_COLUMNS}) SELECT {ROW_COLUMNS} FROM tally_rows_staging \
+                 ON CONFLICT (window_start_ms, id) DO NOTHING RETURNING id"
+            ),
+            &[],
+        )
+        .await
+        .map_err(pg("insert rows"))?;
+    let returned: HashSet<String> = returned.iter().map(|row| row.get(0)).collect();
+    let mut known_window: Vec<i64> = Vec::new();
+    let mut known_id: Vec<&str> = Vec::new();
+    for (stored, _) in rows {
+        if returned.contains(&stored.row.id) {
+            inserted.insert(&stored.row.id);
+        } else {
+            known_window.push(stored.row.window_start_ms);
+            known_id.push(&stored.row.id);
+        }
+    }
+    if !known_id.is_empty() {
+        let found = tx
+            .query(
+                "SELECT r.id, r.digest FROM tally_rows r \
+                 JOIN unnest($1::bigint[], $2::text[]) AS k (window_start_ms, id) \
+                 ON r.window_start_ms = k.window_start_ms AND r.id = k.id",
+                &[&known_window, &known_id],
+            )
+            .await
+            .map_err(pg("read stored digests"))?;
+        for row in found {
+            stored_digests.insert(row.get(0), row.get(1));
+        }
+    }
+    Ok(())
 }
 
-const KEY_TYPES: [&str; 8] = [
-    "bigint", "text", "text", "text", "text", "text", "text", "text",
+/// Streams the inserted rows' shares into `tally_row_shares` with binary COPY.
+async fn copy_shares(
+    tx: &tokio_postgres::Transaction<'_>,
+    rows: &[&StoredRow],
+) -> Result<u64, SinkError> {
+    let sink = tx
+        .copy_in(
+            "COPY tally_row_shares (row_id, beneficiary, basis_points, amount_micros, \
+             window_start_ms) FROM STDIN (FORMAT binary)",
+        )
+        .await
+        .map_err(pg("copy shares"))?;
+    let writer = BinaryCopyInWriter::new(
+        sink,
+        &[Type::TEXT, Type::TEXT, Type::INT8, Type::INT8, Type::INT8],
+    );
+    let mut writer = std::pin::pin!(writer);
+    for stored in rows {
+        for share in &stored.row.shares {
+            let basis_points = i64::from(share.basis_points);
+            writer
+                .as_mut()
+                .write(&[
+                    &stored.row.id,
+                    &share.beneficiary,
+                    &basis_points,
+                    &share.amount_micros,
+                    &stored.row.window_start_ms,
+                ])
+                .await
+                .map_err(pg("copy shares"))?;
+        }
+    }
+    writer.as_mut().finish().await.map_err(pg("copy shares"))
+}
+
+/// The session's staging tables of the roll-up upserts: the roll-up tables' columns
+/// without keys, emptied at every COMMIT. Upserting from a table is several times
+/// faster than from `unnest` over sixteen array parameters (12 ms against 3.5 ms for
+/// 720 lines, measured in PostgreSQL 15).
+const CREATE_ROLLUP_STAGING: &str = "CREATE TEMPORARY TABLE IF NOT EXISTS tally_rollup_staging \
+     (LIKE tally_rollup_15m) ON COMMIT DELETE ROWS; \
+     CREATE TEMPORARY TABLE IF NOT EXISTS tally_rollup_share_staging \
+     (LIKE tally_rollup_share_15m) ON COMMIT DELETE ROWS";
+
+/// Column types of a roll-up key, in [`ROLLUP_KEY`] order.
+const KEY_COPY_TYPES: [Type; 8] = [
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
 ];
+
+/// Adds `delta` to both roll-up tables: binary COPY of the lines into the session's
+/// staging tables, then one upsert each, in key order.
+async fn upsert_rollups(
+    tx: &tokio_postgres::Transaction<'_>,
+    delta: &crate::rows::RollupDelta,
+    create_staging: bool,
+) -> Result<(), SinkError> {
+    if create_staging {
+        tx.batch_execute(CREATE_ROLLUP_STAGING)
+            .await
+            .map_err(pg("create the roll-up staging tables"))?;
+    }
+    if !delta.lines.is_empty() {
+        let sink = tx
+            .copy_in(&format!(
+                "COPY tally_rollup_staging ({ROLLUP_KEY}, row_count, event_count, input_tokens, \
+                 cached_input_tokens, output_tokens, reasoning_tokens, gross_micros, net_micros) \
+                 FROM STDIN (FORMAT binary)"
+            ))
+            .await
+            .map_err(pg("copy roll-ups"))?;
+        let mut types = KEY_COPY_TYPES.to_vec();
+        types.extend([Type::INT8; 8]);
+        let writer = BinaryCopyInWriter::new(sink, &types);
+        let mut writer = std::pin::pin!(writer);
+        for (key, sums) in &delta.lines {
+            writer
+                .as_mut()
+                .write(&[
+                    &key.bucket_start_ms,
+                    &key.tenant_id,
+                    &key.model,
+                    &key.cloud,
+                    &key.channel_partner,
+                    &key.region,
+                    &key.row_kind,
+                    &key.currency,
+                    &sums.rows,
+                    &sums.event_count,
+                    &sums.input_tokens,
+                    &sums.cached_input_tokens,
+                    &sums.output_tokens,
+                    &sums.reasoning_tokens,
+                    &sums.gross_micros,
+                    &sums.net_micros,
+                ])
+                .await
+                .map_err(pg("copy roll-ups"))?;
+        }
+        writer
+            .as_mut()
+            .finish()
+            .await
+            .map_err(pg("copy roll-ups"))?;
+        tx.batch_execute(&format!(
+            "INSERT INTO tally_rollup_15m SELECT * FROM tally_rollup_staging ORDER BY {ROLLUP_KEY} \
+             ON CONFLICT ({ROLLUP_KEY}) DO UPDATE SET \
+             row_count = tally_rollup_15m.row_count + EXCLUDED.row_count, \
+             event_count = tally_rollup_15m.event_count + EXCLUDED.event_count, \
+             input_tokens = tally_rollup_15m.input_tokens + EXCLUDED.input_tokens, \
+             cached_input_tokens = tally_rollup_15m.cached_input_tokens + EXCLUDED.cached_input_tokens, \
+             output_tokens = tally_rollup_15m.output_tokens + EXCLUDED.output_tokens, \
+             reasoning_tokens = tally_rollup_15m.reasoning_tokens + EXCLUDED.reasoning_tokens, \
+             gross_micros = tally_rollup_15m.gross_micros + EXCLUDED.gross_micros, \
+             net_micros = tally_rollup_15m.net_micros + EXCLUDED.net_micros"
+        ))
+        .await
+        .map_err(pg("upsert roll-ups"))?;
+    }
+    if !delta.shares.is_empty() {
+        let sink = tx
+            .copy_in(&format!(
+                "COPY tally_rollup_share_staging ({ROLLUP_KEY}, beneficiary, amount_micros) \
+                 FROM STDIN (FORMAT binary)"
+            ))
+            .await
+            .map_err(pg("copy share roll-ups"))?;
+        let mut types = KEY_COPY_TYPES.to_vec();
+        types.extend([Type::TEXT, Type::INT8]);
+        let writer = BinaryCopyInWriter::new(sink, &types);
+        let mut writer = std::pin::pin!(writer);
+        for (share_key, amount) in &delta.shares {
+            let key = &share_key.rollup;
+            writer
+                .as_mut()
+                .write(&[
+                    &key.bucket_start_ms,
+                    &key.tenant_id,
+                    &key.model,
+                    &key.cloud,
+                    &key.channel_partner,
+                    &key.region,
+                    &key.row_kind,
+                    &key.currency,
+                    &share_key.beneficiary,
+                    amount,
+                ])
+                .await
+                .map_err(pg("copy share roll-ups"))?;
+        }
+        writer
+            .as_mut()
+            .finish()
+            .await
+            .map_err(pg("copy share roll-ups"))?;
+        tx.batch_execute(&format!(
+            "INSERT INTO tally_rollup_share_15m SELECT * FROM tally_rollup_share_staging \
+             ORDER BY {ROLLUP_KEY}, beneficiary ON CONFLICT ({ROLLUP_KEY}, beneficiary) DO UPDATE SET \
+             amount_micros = tally_rollup_share_15m.amount_micros + EXCLUDED.amount_micros"
+        ))
+        .await
+        .map_err(pg("upsert share roll-ups"))?;
+    }
+    Ok(())
+}
 
 async fn write(
     client: &mut Client,
     batch: &Batch,
     plan: &BatchPlan,
-    options: WriteOptions,
+    commit_delay: Option<Duration>,
+    create_rollup_staging: bool,
 ) -> Result<BatchOutcome, SinkError> {
     let tx = client.transaction().await.map_err(pg("begin"))?;
     let now = now_ms();
@@ -509,171 +803,130 @@ async fn write(
         }
     }
 
-    // 2. Rows: COPY into the staging table, then into the store, skipping known ids.
-    if options.create_staging {
-        tx.batch_execute(CREATE_STAGING)
-            .await
-            .map_err(pg("create the staging table"))?;
-    }
-    copy_rows(&tx, plan.unique.iter().map(|&index| &batch.rows[index])).await?;
-    let returned = tx
-        .query(
-            &format!(
-                "INSERT INTO tally_rows ({ROW_COLUMNS}) SELECT {ROW_COLUMNS} FROM tally_rows_staging \
-                 ON CONFLICT (id) DO NOTHING RETURNING id"
-            ),
-            &[],
-        )
+    // 2. Ids the key (window_start_ms, id) cannot check alone (crate::schema). The
+    // table lock keeps a foreign row and a same-id row of another window out of two
+    // concurrent transactions that cannot see each other.
+    let has_foreign = plan.has_foreign();
+    tx.batch_execute(if has_foreign {
+        "LOCK TABLE tally_foreign_row_ids IN SHARE ROW EXCLUSIVE MODE"
+    } else {
+        "LOCK TABLE tally_foreign_row_ids IN SHARE MODE"
+    })
+    .await
+    .map_err(pg("lock the foreign ids"))?;
+    let mut stored_digests: HashMap<String, String> = HashMap::new();
+    let foreign_stored: bool = tx
+        .query_one("SELECT EXISTS (SELECT 1 FROM tally_foreign_row_ids)", &[])
         .await
-        .map_err(pg("insert rows"))?;
-    let inserted: HashSet<String> = returned.iter().map(|row| row.get(0)).collect();
-    let missing: Vec<&str> = plan
-        .unique
-        .iter()
-        .map(|&index| batch.rows[index].row.id.as_str())
-        .filter(|id| !inserted.contains(*id))
-        .collect();
-    let mut stored_digests = HashMap::new();
-    if !missing.is_empty() {
-        let rows = tx
+        .map_err(pg("read the foreign ids"))?
+        .get(0);
+    if foreign_stored {
+        let derived: Vec<&str> = plan
+            .rows(batch)
+            .filter(|(_, derived)| *derived)
+            .map(|(stored, _)| stored.row.id.as_str())
+            .collect();
+        let found = tx
             .query(
-                "SELECT id, digest FROM tally_rows WHERE id = ANY($1)",
-                &[&missing],
+                "SELECT f.id, r.digest FROM tally_foreign_row_ids f JOIN tally_rows r \
+                 ON r.window_start_ms = f.window_start_ms AND r.id = f.id WHERE f.id = ANY($1)",
+                &[&derived],
             )
             .await
-            .map_err(pg("read stored digests"))?;
-        for row in rows {
-            stored_digests.insert(row.get::<_, String>(0), row.get::<_, String>(1));
+            .map_err(pg("read the foreign ids"))?;
+        for row in found {
+            stored_digests.insert(row.get(0), row.get(1));
+        }
+    }
+    if has_foreign {
+        // No index on the id alone: this reads the whole table.
+        let foreign: Vec<&str> = plan
+            .rows(batch)
+            .filter(|(_, derived)| !derived)
+            .map(|(stored, _)| stored.row.id.as_str())
+            .collect();
+        let found = tx
+            .query(
+                "SELECT id, digest FROM tally_rows WHERE id = ANY($1)",
+                &[&foreign],
+            )
+            .await
+            .map_err(pg("scan for ids"))?;
+        for row in found {
+            stored_digests.insert(row.get(0), row.get(1));
+        }
+    }
+
+    // 3. The rows not found above. First straight into the table with COPY, which
+    // cannot skip an existing key: a batch of new rows (the rule) goes in at COPY's
+    // speed. When a key exists already (a row written again), the COPY is rolled back
+    // to its savepoint and the rows go through the staging table, skipping known keys.
+    let mut to_insert: Vec<(&StoredRow, bool)> = plan
+        .rows(batch)
+        .filter(|(stored, _)| !stored_digests.contains_key(&stored.row.id))
+        .collect();
+    to_insert.sort_unstable_by(|(a, _), (b, _)| {
+        (a.row.window_start_ms, &a.row.id).cmp(&(b.row.window_start_ms, &b.row.id))
+    });
+    let mut inserted: HashSet<&str> = HashSet::with_capacity(to_insert.len());
+    if !to_insert.is_empty() {
+        tx.batch_execute("SAVEPOINT tally_rows_copy")
+            .await
+            .map_err(pg("copy rows"))?;
+        match copy_rows(
+            &tx,
+            "tally_rows",
+            to_insert.iter().map(|(stored, _)| *stored),
+        )
+        .await
+        {
+            Ok(_) => {
+                tx.batch_execute("RELEASE SAVEPOINT tally_rows_copy")
+                    .await
+                    .map_err(pg("copy rows"))?;
+                inserted.extend(to_insert.iter().map(|(stored, _)| stored.row.id.as_str()));
+            }
+            Err(SinkError::Postgres { source, .. })
+                if source.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
+            {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT tally_rows_copy")
+                    .await
+                    .map_err(pg("copy rows"))?;
+                insert_skipping_known(&tx, &to_insert, &mut inserted, &mut stored_digests).await?;
+            }
+            Err(error) => return Err(error),
         }
     }
     let (delta, new_rows, outcome) =
         plan.settle(batch, &|id| inserted.contains(id), &stored_digests)?;
 
-    // 3. Shares of the inserted rows, then the roll-ups in key order.
-    let mut share_row: Vec<&str> = Vec::new();
-    let mut share_beneficiary: Vec<&str> = Vec::new();
-    let mut share_bps: Vec<i64> = Vec::new();
-    let mut share_amount: Vec<i64> = Vec::new();
-    for stored in &new_rows {
-        for share in &stored.row.shares {
-            share_row.push(&stored.row.id);
-            share_beneficiary.push(&share.beneficiary);
-            share_bps.push(i64::from(share.basis_points));
-            share_amount.push(share.amount_micros);
+    // 4. Foreign ids and shares of the inserted rows, then the roll-ups in key order.
+    let mut foreign_id: Vec<&str> = Vec::new();
+    let mut foreign_window: Vec<i64> = Vec::new();
+    for (stored, derived) in &to_insert {
+        if !derived && inserted.contains(stored.row.id.as_str()) {
+            foreign_id.push(&stored.row.id);
+            foreign_window.push(stored.row.window_start_ms);
         }
     }
-    if !share_row.is_empty() {
-        let sql = format!(
-            "INSERT INTO tally_row_shares (row_id, beneficiary, basis_points, amount_micros) SELECT * FROM {}",
-            unnest(&["text", "text", "bigint", "bigint"])
-        );
+    if !foreign_id.is_empty() {
         tx.execute(
-            &sql,
-            &[&share_row, &share_beneficiary, &share_bps, &share_amount],
+            "INSERT INTO tally_foreign_row_ids (id, window_start_ms) \
+             SELECT * FROM unnest($1::text[], $2::bigint[])",
+            &[&foreign_id, &foreign_window],
         )
         .await
-        .map_err(pg("insert shares"))?;
+        .map_err(pg("record foreign ids"))?;
     }
-    if !delta.lines.is_empty() {
-        let mut key = KeyColumns::default();
-        let mut sums: [Vec<i64>; 8] = Default::default();
-        for (line_key, line) in &delta.lines {
-            key.push(line_key);
-            for (column, value) in sums.iter_mut().zip([
-                line.rows,
-                line.event_count,
-                line.input_tokens,
-                line.cached_input_tokens,
-                line.output_tokens,
-                line.reasoning_tokens,
-                line.gross_micros,
-                line.net_micros,
-            ]) {
-                column.push(value);
-            }
-        }
-        let mut types: Vec<&str> = KEY_TYPES.to_vec();
-        types.extend(["bigint"; 8]);
-        let sql = format!(
-            "INSERT INTO tally_rollup_15m ({ROLLUP_KEY}, row_count, event_count, input_tokens, \
-             cached_input_tokens, output_tokens, reasoning_tokens, gross_micros, net_micros) \
-             SELECT * FROM {} ON CONFLICT ({ROLLUP_KEY}) DO UPDATE SET \
-             row_count = tally_rollup_15m.row_count + EXCLUDED.row_count, \
-             event_count = tally_rollup_15m.event_count + EXCLUDED.event_count, \
-             input_tokens = tally_rollup_15m.input_tokens + EXCLUDED.input_tokens, \
-             cached_input_tokens = tally_rollup_15m.cached_input_tokens + EXCLUDED.cached_input_tokens, \
-             output_tokens = tally_rollup_15m.output_tokens + EXCLUDED.output_tokens, \
-             reasoning_tokens = tally_rollup_15m.reasoning_tokens + EXCLUDED.reasoning_tokens, \
-             gross_micros = tally_rollup_15m.gross_micros + EXCLUDED.gross_micros, \
-             net_micros = tally_rollup_15m.net_micros + EXCLUDED.net_micros",
-            unnest(&types)
-        );
-        let mut params = key.params();
-        for column in &sums {
-            params.push(column);
-        }
-        tx.execute(&sql, &params)
-            .await
-            .map_err(pg("upsert roll-ups"))?;
+    if new_rows.iter().any(|stored| !stored.row.shares.is_empty()) {
+        copy_shares(&tx, &new_rows).await?;
     }
-    if !delta.shares.is_empty() {
-        let mut key = KeyColumns::default();
-        let mut beneficiary: Vec<&str> = Vec::new();
-        let mut amount: Vec<i64> = Vec::new();
-        for (share_key, value) in &delta.shares {
-            key.push(&share_key.rollup);
-            beneficiary.push(&share_key.beneficiary);
-            amount.push(*value);
-        }
-        let mut types: Vec<&str> = KEY_TYPES.to_vec();
-        types.extend(["text", "bigint"]);
-        let sql = format!(
-            "INSERT INTO tally_rollup_share_15m ({ROLLUP_KEY}, beneficiary, amount_micros) \
-             SELECT * FROM {} ON CONFLICT ({ROLLUP_KEY}, beneficiary) DO UPDATE SET \
-             amount_micros = tally_rollup_share_15m.amount_micros + EXCLUDED.amount_micros",
-            unnest(&types)
-        );
-        let mut params = key.params();
-        params.push(&beneficiary);
-        params.push(&amount);
-        tx.execute(&sql, &params)
-            .await
-            .map_err(pg("upsert share roll-ups"))?;
+    if !delta.lines.is_empty() || !delta.shares.is_empty() {
+        upsert_rollups(&tx, &delta, create_rollup_staging).await?;
     }
-    if let Some(delay) = options.commit_delay {
+    if let Some(delay) = commit_delay {
         tokio::time::sleep(delay).await;
     }
     tx.commit().await.map_err(pg("commit"))?;
     Ok(outcome)
-}
-
-#[derive(Default)]
-struct KeyColumns<'a> {
-    bucket: Vec<i64>,
-    text: [Vec<&'a str>; 7],
-}
-
-impl<'a> KeyColumns<'a> {
-    fn push(&mut self, key: &'a RollupKey) {
-        self.bucket.push(key.bucket_start_ms);
-        for (column, value) in self.text.iter_mut().zip([
-            key.tenant_id.as_str(),
-            &key.model,
-            &key.cloud,
-            &key.channel_partner,
-            &key.region,
-            &key.row_kind,
-            &key.currency,
-        ]) {
-            column.push(value);
-        }
-    }
-
-    fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&self.bucket];
-        for column in &self.text {
-            params.push(column);
-        }
-        params
-    }
 }

@@ -13,7 +13,10 @@
 use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
-use tally_core::aggregate::BillingAggregate;
+use tally_core::aggregate::{BillingAggregate, Dims, RowKind};
+use tally_core::event::Cloud;
+use tally_core::identity::{ROW_ID_BYTES, RowIdentity, row_id};
+use tally_core::window::Window;
 
 use crate::error::SinkError;
 
@@ -50,6 +53,95 @@ impl StoredRow {
             digest: digest_hex(value),
             position,
         }
+    }
+}
+
+/// Whether `row.id` is tally's identity of the row's own content
+/// ([`tally_core::identity::row_id`]): true for every row the aggregator or a replay
+/// writes, false for a row another producer made up. See [`crate::schema`] for what
+/// the store does with the difference.
+pub fn id_is_derived(row: &BillingAggregate) -> bool {
+    let identity = RowIdentity {
+        source_topic: &row.source_topic,
+        source_partition: row.source_partition,
+        window: Window {
+            start_ms: row.window_start_ms,
+            end_ms: row.window_end_ms,
+        },
+        dims: &row.dims,
+        price_book_version: &row.price_book_version,
+        share_rule_version: &row.share_rule_version,
+        row_kind: row.row_kind,
+        correction_seq: row.correction_seq,
+    };
+    row.id.len() == 2 * ROW_ID_BYTES && row.id == row_id(&identity)
+}
+
+/// The columns of a stored row that its identity is computed from, in the order of
+/// [`IDENTITY_COLUMNS`]; read back by migration 3 to find the foreign rows of a store
+/// written before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoredIdentity {
+    pub(crate) id: String,
+    pub(crate) window_start_ms: i64,
+    pub(crate) window_end_ms: i64,
+    pub(crate) tenant_id: String,
+    pub(crate) model: String,
+    pub(crate) cloud: String,
+    pub(crate) channel_partner: Option<String>,
+    pub(crate) region: String,
+    pub(crate) price_book_version: String,
+    pub(crate) share_rule_version: String,
+    pub(crate) row_kind: String,
+    pub(crate) correction_seq: i64,
+    pub(crate) source_topic: String,
+    pub(crate) source_partition: i64,
+}
+
+/// `tally_rows` columns of a [`StoredIdentity`], in its field order.
+pub(crate) const IDENTITY_COLUMNS: &str = "id, window_start_ms, window_end_ms, tenant_id, model, \
+     cloud, channel_partner, region, price_book_version, share_rule_version, row_kind, \
+     correction_seq, source_topic, source_partition";
+
+impl StoredIdentity {
+    /// Whether the stored id is tally's identity of these columns; a value no
+    /// BillingAggregate can hold (an unknown cloud, a negative sequence) is foreign.
+    pub(crate) fn is_derived(&self) -> bool {
+        let cloud = Cloud::from_symbol(&self.cloud);
+        let row_kind = match self.row_kind.as_str() {
+            "billable" => Some(RowKind::Billable),
+            "non_billable" => Some(RowKind::NonBillable),
+            _ => None,
+        };
+        let (Some(cloud), Some(row_kind), Ok(correction_seq), Ok(source_partition)) = (
+            cloud,
+            row_kind,
+            u32::try_from(self.correction_seq),
+            i32::try_from(self.source_partition),
+        ) else {
+            return false;
+        };
+        let dims = Dims {
+            tenant_id: self.tenant_id.clone(),
+            model: self.model.clone(),
+            cloud,
+            channel_partner: self.channel_partner.clone(),
+            region: self.region.clone(),
+        };
+        self.id
+            == row_id(&RowIdentity {
+                source_topic: &self.source_topic,
+                source_partition,
+                window: Window {
+                    start_ms: self.window_start_ms,
+                    end_ms: self.window_end_ms,
+                },
+                dims: &dims,
+                price_book_version: &self.price_book_version,
+                share_rule_version: &self.share_rule_version,
+                row_kind,
+                correction_seq,
+            })
     }
 }
 

@@ -22,14 +22,58 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::error::SinkError;
-use crate::rows::{RollupKey, RollupSums, ShareKey};
-use crate::schema::{self, Dialect, MIGRATIONS, MIGRATIONS_TABLE, ROLLUP_KEY, ROW_COLUMNS};
+use crate::rows::{IDENTITY_COLUMNS, RollupKey, RollupSums, ShareKey, StoredIdentity};
+use crate::schema::{
+    self, Dialect, MIGRATIONS, MIGRATIONS_TABLE, ROLLUP_KEY, ROW_COLUMNS, WINDOW_KEYS_VERSION,
+};
 use crate::store::{Batch, BatchOutcome, BatchPlan, now_ms};
 
 /// Page cache of the writer's connection, KiB (SQLite's default is 2 000 KiB).
 pub(crate) const CACHE_SIZE_KIB: i64 = 64 * 1024;
 /// WAL pages between automatic checkpoints (SQLite's default is 1 000 pages, 4 MiB).
 pub(crate) const WAL_AUTOCHECKPOINT_PAGES: i64 = 16_384;
+
+/// Foreign ids looked up per scan of `tally_rows` (one bound parameter each).
+const FOREIGN_ID_CHUNK: usize = 1_000;
+
+/// Migration 3: records the foreign ids of the rows stored before it.
+fn record_foreign_ids(tx: &rusqlite::Transaction<'_>) -> Result<(), SinkError> {
+    let mut read = tx
+        .prepare(&format!("SELECT {IDENTITY_COLUMNS} FROM tally_rows"))
+        .map_err(lite("read row identities"))?;
+    let identities = read
+        .query_map([], |row| {
+            Ok(StoredIdentity {
+                id: row.get(0)?,
+                window_start_ms: row.get(1)?,
+                window_end_ms: row.get(2)?,
+                tenant_id: row.get(3)?,
+                model: row.get(4)?,
+                cloud: row.get(5)?,
+                channel_partner: row.get(6)?,
+                region: row.get(7)?,
+                price_book_version: row.get(8)?,
+                share_rule_version: row.get(9)?,
+                row_kind: row.get(10)?,
+                correction_seq: row.get(11)?,
+                source_topic: row.get(12)?,
+                source_partition: row.get(13)?,
+            })
+        })
+        .map_err(lite("read row identities"))?;
+    let mut record = tx
+        .prepare("INSERT INTO tally_foreign_row_ids (id, window_start_ms) VALUES (?1, ?2)")
+        .map_err(lite("record a foreign id"))?;
+    for identity in identities {
+        let identity = identity.map_err(lite("read row identities"))?;
+        if !identity.is_derived() {
+            record
+                .execute(params![identity.id, identity.window_start_ms])
+                .map_err(lite("record a foreign id"))?;
+        }
+    }
+    Ok(())
+}
 
 /// An SQLite billing store.
 #[derive(Debug)]
@@ -44,6 +88,16 @@ fn lite(operation: &'static str) -> impl FnOnce(rusqlite::Error) -> SinkError {
 impl SqliteStore {
     /// Opens (or creates) the file and migrates.
     pub fn open(path: &str, timeout: Duration) -> Result<SqliteStore, SinkError> {
+        SqliteStore::open_upto(path, timeout, MIGRATIONS.len())
+    }
+
+    /// Opens the store with only the first `upto` migrations applied (tests of a
+    /// migration start from the schema before it).
+    pub(crate) fn open_upto(
+        path: &str,
+        timeout: Duration,
+        upto: usize,
+    ) -> Result<SqliteStore, SinkError> {
         let connection = Connection::open(path).map_err(lite("open"))?;
         connection
             .busy_timeout(timeout)
@@ -64,11 +118,12 @@ impl SqliteStore {
             .pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
             .map_err(lite("set wal_autocheckpoint"))?;
         let mut store = SqliteStore { connection };
-        store.migrate()?;
+        store.migrate(upto)?;
         Ok(store)
     }
 
-    fn migrate(&mut self) -> Result<(), SinkError> {
+    /// Applies the missing migrations among the first `upto`.
+    pub(crate) fn migrate(&mut self, upto: usize) -> Result<(), SinkError> {
         let tx = self
             .connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -87,13 +142,16 @@ impl SqliteStore {
                 "schema version {applied} is newer than this binary's {known}"
             )));
         }
-        for (index, sql) in MIGRATIONS.iter().enumerate() {
+        for (index, migration) in MIGRATIONS.iter().take(upto).enumerate() {
             let version = i64::try_from(index).unwrap_or(i64::MAX) + 1;
             if version <= applied {
                 continue;
             }
-            tx.execute_batch(&schema::render(sql, Dialect::Sqlite))
+            tx.execute_batch(&migration.sql(Dialect::Sqlite))
                 .map_err(lite("apply a migration"))?;
+            if version == WINDOW_KEYS_VERSION {
+                record_foreign_ids(&tx)?;
+            }
             tx.execute(
                 "INSERT INTO tally_migrations (version, applied_at_ms) VALUES (?1, ?2)",
                 params![version, now_ms()],
@@ -181,24 +239,87 @@ impl SqliteStore {
             }
         }
 
-        let mut inserted: HashSet<String> = HashSet::new();
+        // 2. Ids the key (window_start_ms, id) cannot check alone (crate::schema).
         let mut stored_digests: HashMap<String, String> = HashMap::new();
+        let foreign_stored: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM tally_foreign_row_ids)",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(lite("read the foreign ids"))?;
+        if foreign_stored {
+            let mut lookup = tx
+                .prepare_cached(
+                    "SELECT r.digest FROM tally_foreign_row_ids f JOIN tally_rows r \
+                     ON r.window_start_ms = f.window_start_ms AND r.id = f.id WHERE f.id = ?1",
+                )
+                .map_err(lite("prepare the foreign id read"))?;
+            for (stored, _) in plan.rows(batch).filter(|(_, derived)| *derived) {
+                if let Some(found) = lookup
+                    .query_row([&stored.row.id], |row| row.get::<_, String>(0))
+                    .optional()
+                    .map_err(lite("read the foreign ids"))?
+                {
+                    stored_digests.insert(stored.row.id.clone(), found);
+                }
+            }
+        }
+        if plan.has_foreign() {
+            // No index on the id alone: one scan of the rows per chunk of ids.
+            let foreign: Vec<&str> = plan
+                .rows(batch)
+                .filter(|(_, derived)| !derived)
+                .map(|(stored, _)| stored.row.id.as_str())
+                .collect();
+            for chunk in foreign.chunks(FOREIGN_ID_CHUNK) {
+                let placeholders = vec!["?"; chunk.len()].join(", ");
+                let mut scan = tx
+                    .prepare_cached(&format!(
+                        "SELECT id, digest FROM tally_rows WHERE id IN ({placeholders})"
+                    ))
+                    .map_err(lite("prepare the id scan"))?;
+                let found = scan
+                    .query_map(rusqlite::params_from_iter(chunk), |row| {
+                        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+                    })
+                    .map_err(lite("scan for ids"))?;
+                for pair in found {
+                    let (id, digest) = pair.map_err(lite("scan for ids"))?;
+                    stored_digests.insert(id, digest);
+                }
+            }
+        }
+
+        // 3. The rows not found above, in key order.
+        let mut inserted: HashSet<String> = HashSet::new();
         {
             let placeholders: Vec<String> = (1..=30).map(|index| format!("?{index}")).collect();
             let mut insert = tx
                 .prepare_cached(&format!(
-                    "INSERT INTO tally_rows ({ROW_COLUMNS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
+                    "INSERT INTO tally_rows ({ROW_COLUMNS}) VALUES ({}) \
+                     ON CONFLICT (window_start_ms, id) DO NOTHING",
                     placeholders.join(", ")
                 ))
                 .map_err(lite("prepare the row insert"))?;
             let mut digest = tx
-                .prepare_cached("SELECT digest FROM tally_rows WHERE id = ?1")
+                .prepare_cached(
+                    "SELECT digest FROM tally_rows WHERE window_start_ms = ?1 AND id = ?2",
+                )
                 .map_err(lite("prepare the digest read"))?;
-            // In id order: neighbouring ids share index pages.
-            let mut by_id: Vec<usize> = plan.unique.clone();
-            by_id.sort_unstable_by(|a, b| batch.rows[*a].row.id.cmp(&batch.rows[*b].row.id));
-            for index in by_id {
-                let stored = &batch.rows[index];
+            let mut foreign_id = tx
+                .prepare_cached(
+                    "INSERT INTO tally_foreign_row_ids (id, window_start_ms) VALUES (?1, ?2)",
+                )
+                .map_err(lite("prepare the foreign id insert"))?;
+            let mut in_key_order: Vec<(&crate::rows::StoredRow, bool)> = plan
+                .rows(batch)
+                .filter(|(stored, _)| !stored_digests.contains_key(&stored.row.id))
+                .collect();
+            in_key_order.sort_unstable_by(|(a, _), (b, _)| {
+                (a.row.window_start_ms, &a.row.id).cmp(&(b.row.window_start_ms, &b.row.id))
+            });
+            for (stored, derived) in in_key_order {
                 let row = &stored.row;
                 let changed = insert
                     .execute(params![
@@ -235,10 +356,15 @@ impl SqliteStore {
                     ])
                     .map_err(lite("insert a row"))?;
                 if changed == 1 {
+                    if !derived {
+                        foreign_id
+                            .execute(params![row.id, row.window_start_ms])
+                            .map_err(lite("record a foreign id"))?;
+                    }
                     inserted.insert(row.id.clone());
                 } else {
                     let existing: String = digest
-                        .query_row([&row.id], |found| found.get(0))
+                        .query_row(params![row.window_start_ms, row.id], |found| found.get(0))
                         .map_err(lite("read a stored digest"))?;
                     stored_digests.insert(row.id.clone(), existing);
                 }
@@ -249,8 +375,8 @@ impl SqliteStore {
         {
             let mut share = tx
                 .prepare_cached(
-                    "INSERT INTO tally_row_shares (row_id, beneficiary, basis_points, amount_micros) \
-                     VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO tally_row_shares (row_id, beneficiary, basis_points, amount_micros, \
+                     window_start_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )
                 .map_err(lite("prepare the share insert"))?;
             for stored in &new_rows {
@@ -260,7 +386,8 @@ impl SqliteStore {
                             stored.row.id,
                             line.beneficiary,
                             i64::from(line.basis_points),
-                            line.amount_micros
+                            line.amount_micros,
+                            stored.row.window_start_ms
                         ])
                         .map_err(lite("insert a share"))?;
                 }

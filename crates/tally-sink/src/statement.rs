@@ -425,7 +425,8 @@ fn read(
         "SELECT r.window_start_ms, r.cloud, r.channel_partner, r.model, r.price_book_version, \
          r.share_rule_version, r.correction_seq, r.currency, r.gross_micros, s.basis_points, \
          s.amount_micros, r.kafka_topic, r.kafka_partition, r.kafka_offset \
-         FROM tally_rows r JOIN tally_row_shares s ON s.row_id = r.id \
+         FROM tally_rows r JOIN tally_row_shares s \
+         ON s.window_start_ms = r.window_start_ms AND s.row_id = r.id \
          WHERE s.beneficiary = $1 AND r.window_start_ms >= $2 AND r.window_start_ms < $3 \
          ORDER BY r.id",
         &[

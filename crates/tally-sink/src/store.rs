@@ -6,12 +6,15 @@
 //!    must not find a row for a partition the store has never seen. An instance that
 //!    lost the partition (a zombie) expects an offset the new owner has moved past, so
 //!    its transaction fails here before it writes anything;
-//! 2. the rows, `INSERT … ON CONFLICT (id) DO NOTHING`; for the ids not inserted the
-//!    stored digest is compared with the record's: equal is a no-op, different is a
-//!    [`SinkError::Conflict`] and the transaction is rolled back;
-//! 3. the shares of the inserted rows, and the roll-up upserts computed from the
-//!    inserted rows only, in key order (so concurrent writers lock buckets in the
-//!    same order).
+//! 2. the id checks that the key `(window_start_ms, id)` cannot do alone (see
+//!    [`crate::schema`]): derived ids against the stored foreign ids, foreign ids
+//!    against every stored row;
+//! 3. the rows, keyed `(window_start_ms, id)`, existing keys skipped; for every row not
+//!    inserted the stored digest is compared with the record's: equal is a no-op,
+//!    different is a [`SinkError::Conflict`] and the transaction is rolled back;
+//! 4. the foreign ids of the inserted rows, their shares, and the roll-up upserts
+//!    computed from the inserted rows only, in key order (so concurrent writers lock
+//!    buckets in the same order).
 //!
 //! Then COMMIT. When a commit's outcome is unknown (the connection broke during it),
 //! the caller re-reads the offsets with [`Store::load_offsets`] before going on: the
@@ -109,6 +112,25 @@ impl Store {
         }
     }
 
+    /// Opens the store with only the first `version` schema migrations applied, for
+    /// tests of a migration (they start from the schema before it). Not for
+    /// production use: [`Store::open`] applies every migration.
+    #[doc(hidden)]
+    pub fn open_at_schema_version(
+        location: &StoreLocation,
+        timeout: Duration,
+        version: usize,
+    ) -> Result<Store, SinkError> {
+        match location {
+            StoreLocation::Postgres(url) => {
+                Ok(Store::Postgres(PgStore::open_upto(url, timeout, version)?))
+            }
+            StoreLocation::Sqlite(path) => Ok(Store::Sqlite(SqliteStore::open_upto(
+                path, timeout, version,
+            )?)),
+        }
+    }
+
     /// The stored next offset of every partition of `topic`.
     pub fn load_offsets(&mut self, topic: &str) -> Result<BTreeMap<i32, i64>, SinkError> {
         match self {
@@ -157,6 +179,9 @@ impl Store {
 pub(crate) struct BatchPlan {
     /// Indexes into `batch.rows` of the first occurrence of each id.
     pub(crate) unique: Vec<usize>,
+    /// Per entry of `unique`: whether the row's id is derived
+    /// ([`crate::rows::id_is_derived`]).
+    pub(crate) derived: Vec<bool>,
     /// Repeats within the batch with identical content.
     pub(crate) repeated: u64,
 }
@@ -181,7 +206,31 @@ impl BatchPlan {
                 }
             }
         }
-        Ok(BatchPlan { unique, repeated })
+        let derived = unique
+            .iter()
+            .map(|&index| crate::rows::id_is_derived(&batch.rows[index].row))
+            .collect();
+        Ok(BatchPlan {
+            unique,
+            derived,
+            repeated,
+        })
+    }
+
+    /// The unique rows, each with whether its id is derived.
+    pub(crate) fn rows<'a>(
+        &'a self,
+        batch: &'a Batch,
+    ) -> impl Iterator<Item = (&'a StoredRow, bool)> + 'a {
+        self.unique
+            .iter()
+            .zip(&self.derived)
+            .map(|(&index, &derived)| (&batch.rows[index], derived))
+    }
+
+    /// Whether any unique row has a foreign id.
+    pub(crate) fn has_foreign(&self) -> bool {
+        self.derived.iter().any(|derived| !derived)
     }
 
     /// Checks the rows that were not inserted against the stored digests and returns
