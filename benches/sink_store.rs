@@ -15,7 +15,7 @@
 //! ([`tally_core::identity::row_id`]), so they are derived rows, keyed by window first
 //! like every row since the store's migration 3.
 //!
-//! Each iteration writes one batch of `TALLY_BENCH_BATCH_ROWS` (default 5 000, the
+//! Each iteration writes one batch of `TALLY_BENCH_BATCH_ROWS` (default 20 000, the
 //! sink's `--batch-max-rows`) new rows (60 tenants × 4 models × 3 clouds, one-minute
 //! windows, so a batch touches a few hundred roll-up lines), continuing the offsets of
 //! the previous batch. Building the batch is not timed.
@@ -50,7 +50,7 @@ const BENCH_PRELOAD_ROWS: i64 = 10_000_000;
 /// Rows preloaded under `cargo test --benches` (CI): the path runs, cheaply.
 const TEST_PRELOAD_ROWS: i64 = 10_000;
 /// Default rows per batch: the sink's `--batch-max-rows` default.
-const DEFAULT_BATCH_ROWS: i64 = 5_000;
+const DEFAULT_BATCH_ROWS: i64 = 20_000;
 /// 16^15: preloaded ids are `i × (16^15 / n)` in 15 hex digits, then 17 zeros.
 const ID_SPACE: i64 = 1_152_921_504_606_846_976;
 const MODELS: [&str; 4] = [

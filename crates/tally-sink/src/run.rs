@@ -57,7 +57,7 @@ pub struct SinkArgs {
     #[arg(long)]
     pub group_id: Option<String>,
     /// A batch is written once it holds this many rows... Default: the config's
-    /// `sink.batch_max_rows` (5000).
+    /// `sink.batch_max_rows` (20000).
     #[arg(long)]
     pub batch_max_rows: Option<usize>,
     /// ...or once its oldest row waited this long (rows reach the store within about
@@ -881,7 +881,7 @@ mod tests {
         let settings =
             SinkSettings::from_args(Config::default(), &args("sqlite:x.db")).expect("valid");
         assert_eq!(settings.group_id, "tally-sink");
-        assert_eq!(settings.batch_max_rows, 5_000);
+        assert_eq!(settings.batch_max_rows, 20_000);
         assert_eq!(settings.batch_max_age, Duration::from_millis(1_000));
         assert_eq!(settings.db_timeout, Duration::from_millis(10_000));
         assert_eq!(settings.retry_max_backoff, Duration::from_millis(5_000));
