@@ -13,7 +13,7 @@ use anyhow::Context;
 use tally_core::config::Config;
 use tally_core::health::{Health, Phase};
 use tally_sink::report::{self, ReportArgs, ReportRequest};
-use tally_sink::{SinkArgs, SinkSettings, StoreLocation, metrics};
+use tally_sink::{SinkArgs, SinkSettings, metrics};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::telemetry::HealthProbe;
@@ -64,7 +64,7 @@ pub(crate) async fn run(config: Config, args: &SinkArgs) -> anyhow::Result<()> {
 
 pub(crate) async fn report(args: ReportArgs) -> anyhow::Result<()> {
     let request = ReportRequest::from_args(&args)?;
-    let location = StoreLocation::parse("--database", &args.database)?;
+    let location = args.store.location()?;
     let text = tokio::task::spawn_blocking(move || {
         report::build(&location, &request).and_then(|built| report::render(&built, args.format))
     })
