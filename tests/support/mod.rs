@@ -4,6 +4,7 @@
 
 pub mod eos;
 pub mod finance;
+pub mod group;
 pub mod kill;
 pub mod money;
 pub mod ops;
