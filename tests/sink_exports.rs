@@ -521,7 +521,7 @@ fn aws_exports_carry_correct_defer_and_acknowledge_exactly_in_sqlite() {
 fn aws_exports_carry_correct_defer_and_acknowledge_exactly_in_postgres() {
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("temp dir");
-    let database = support::finance::pg_fresh_database("export");
+    let database = support::sink::pg_fresh_database_named("export");
     aws_flow(&database, dir.path());
     eprintln!("aws export test (postgres) took {:?}", started.elapsed());
 }

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::rand_name;
+use support::sink::pg_fresh_database_named;
 use tally_core::aggregate::{BillingAggregate, Dims, RowKind};
 use tally_core::codec::encode_aggregate;
 use tally_core::event::{Cloud, TokenCounts};
@@ -316,27 +316,7 @@ fn daily_and_monthly_rollups_are_exact_in_five_zones_across_dst_in_sqlite() {
 #[test]
 fn daily_and_monthly_rollups_are_exact_in_five_zones_across_dst_in_postgres() {
     let started = Instant::now();
-    let url = std::env::var("TALLY_TEST_PG_URL")
-        .expect("TALLY_TEST_PG_URL is not set: run the tests through deploy/local/test.sh");
-    let name = rand_name("report").replace('-', "_");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-        let driver = tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create database");
-        drop(client);
-        let _ = driver.await;
-    });
-    let (base, _) = url.rsplit_once('/').expect("a database in the URL");
-    let database = format!("{base}/{name}");
+    let database = pg_fresh_database_named("report");
     fill(&StoreLocation::parse("database", &database).expect("location"));
     let dir = tempfile::tempdir().expect("temp dir");
     check_all_zones(&database, &empty_config(dir.path()));

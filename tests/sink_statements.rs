@@ -11,10 +11,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use support::finance::{
-    FEB_2026_MS, HOUR_MS, MINUTE_MS, RowSpec, TOPIC, finance_config, pg_fresh_database, tally_ok,
-    write_rows,
+    FEB_2026_MS, HOUR_MS, MINUTE_MS, RowSpec, TOPIC, finance_config, tally_ok, write_rows,
 };
 use support::money::TruthContracts;
+use support::sink::pg_fresh_database_named;
 use tally_core::event::Cloud;
 use tally_sink::StoreLocation;
 
@@ -430,7 +430,7 @@ fn statements_equal_the_contracts_arithmetic_and_regenerate_byte_for_byte() {
     let from_sqlite = run_on(&sqlite, sqlite_dir.path());
 
     let pg_dir = tempfile::tempdir().expect("temp dir");
-    let postgres = pg_fresh_database("statement");
+    let postgres = pg_fresh_database_named("statement");
     let from_postgres = run_on(&postgres, pg_dir.path());
     assert_eq!(
         from_postgres, from_sqlite,
