@@ -14,6 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::money::{civil_from_days, days_from_civil};
 use support::sink::pg_fresh_database_named;
 use tally_core::aggregate::{BillingAggregate, Dims, RowKind};
 use tally_core::codec::encode_aggregate;
@@ -55,20 +56,6 @@ const ZONES: [&str; 5] = [
     "America/St_Johns",
     "Europe/Berlin",
 ];
-
-/// (year, month, day) of a count of days since 1970-01-01 (H. Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
 
 fn local_day(zone: &str, utc_ms: i64) -> String {
     let (year, month, day) = civil_from_days((utc_ms + offset_ms(zone, utc_ms)).div_euclid(DAY_MS));
@@ -258,16 +245,6 @@ fn reported(database: &str, zone: &str, period: &str, key_len: usize, config: &P
         );
     }
     totals
-}
-
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let yoe = year - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 fn format_offset(offset_ms: i64) -> String {
