@@ -556,6 +556,7 @@ fn check_env_var(place: &str, name: &str, fields: &BTreeSet<String>) {
         read("src/main.rs"),
         read("crates/tally-aggregator/src/settings.rs"),
         read("crates/tally-sink/src/run.rs"),
+        read("crates/tally-sink/src/args.rs"),
     ];
     assert!(
         sources.iter().any(|source| source.contains(&declared)),
