@@ -6,14 +6,10 @@
 //! (`stopping`), the aggregator commits its open transaction, leaves the group and the
 //! process exits 0.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use anyhow::Context;
 use tally_aggregator::{AggregateArgs, AggregatorSettings, metrics};
 use tally_core::config::Config;
-use tally_core::health::{Health, Phase};
-use tokio::signal::unix::{SignalKind, signal};
+use tally_core::health::Health;
 
 use crate::telemetry::HealthProbe;
 use tracing::info;
@@ -42,17 +38,8 @@ pub(crate) async fn run(config: Config, args: &AggregateArgs) -> anyhow::Result<
     settings.health = health.clone();
     metrics::register_zero(&settings.contracts);
 
-    let shutdown = Arc::new(AtomicBool::new(false));
-    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let flag = Arc::clone(&shutdown);
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => info!("sigterm received, finishing the current transaction"),
-            _ = tokio::signal::ctrl_c() => info!("interrupt received, finishing the current transaction"),
-        }
-        health.set_phase(Phase::Stopping);
-        flag.store(true, Ordering::Release);
-    });
+    let shutdown =
+        crate::telemetry::shutdown_on_signal(health, "finishing the current transaction")?;
 
     let summary = tokio::task::spawn_blocking(move || tally_aggregator::run(settings, shutdown))
         .await

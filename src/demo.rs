@@ -52,7 +52,7 @@ use tally_gen::generator::DEFAULT_START_TIME_MS;
 use tally_gen::{GeneratorConfig, GroundTruth, ProduceOptions};
 use tally_producer::{ProducerOptions, UsageProducer};
 use tally_sink::report::{self, Dimension, Format, Period, ReportArgs, ReportRequest};
-use tally_sink::{SinkArgs, SinkSettings, StoreLocation};
+use tally_sink::{SinkArgs, SinkSettings, StoreArgs, StoreLocation};
 use tracing::warn;
 
 /// The contracts the demo prices with, embedded so it runs from any directory.
@@ -285,7 +285,7 @@ pub(crate) async fn run(base: Config, args: &DemoArgs) -> anyhow::Result<()> {
 
     // The sink into a fresh SQLite file.
     let sink_args = SinkArgs {
-        database: format!("sqlite:{}", sqlite.display()),
+        store: StoreArgs::new(format!("sqlite:{}", sqlite.display())),
         group_id: Some(format!("tally-demo-sink-{run_id}")),
         batch_max_rows: Some(5_000),
         batch_max_age_ms: Some(500),
@@ -426,7 +426,7 @@ pub(crate) async fn run(base: Config, args: &DemoArgs) -> anyhow::Result<()> {
         (Some(from), Some(to)) => to.duration_since(from).as_secs_f64(),
         _ => 0.0,
     };
-    let location = StoreLocation::parse("--database", &format!("sqlite:{}", sqlite.display()))?;
+    let location = StoreArgs::new(format!("sqlite:{}", sqlite.display())).location()?;
     let (report_from, report_to) = report_range(&truth);
     let (by_cloud_partner, shares, report_file, shares_file) =
         read_store(location, &report_from, &report_to, &dir).await?;
@@ -774,7 +774,7 @@ async fn read_store(
 ) -> anyhow::Result<(Vec<UsageLine>, Vec<ShareLine>, PathBuf, PathBuf)> {
     let request = |period: Period, by: Vec<Dimension>| -> anyhow::Result<ReportRequest> {
         Ok(ReportRequest::from_args(&ReportArgs {
-            database: String::new(),
+            store: StoreArgs::new(""),
             from: from.to_owned(),
             to: to.to_owned(),
             tz: "UTC".to_owned(),

@@ -6,15 +6,11 @@
 //! is written, then the process exits 0). A conflict,
 //! an undecodable record or a lost partition stops the process with a non-zero exit.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use anyhow::Context;
 use tally_core::config::Config;
-use tally_core::health::{Health, Phase};
+use tally_core::health::Health;
 use tally_sink::report::{self, ReportArgs, ReportRequest};
-use tally_sink::{SinkArgs, SinkSettings, StoreLocation, metrics};
-use tokio::signal::unix::{SignalKind, signal};
+use tally_sink::{SinkArgs, SinkSettings, metrics};
 
 use crate::telemetry::HealthProbe;
 use tracing::info;
@@ -36,17 +32,7 @@ pub(crate) async fn run(config: Config, args: &SinkArgs) -> anyhow::Result<()> {
     let mut settings = SinkSettings::from_args(config, args).context("cannot start the sink")?;
     settings.health = health.clone();
 
-    let shutdown = Arc::new(AtomicBool::new(false));
-    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let flag = Arc::clone(&shutdown);
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => info!("sigterm received, writing the open batch"),
-            _ = tokio::signal::ctrl_c() => info!("interrupt received, writing the open batch"),
-        }
-        health.set_phase(Phase::Stopping);
-        flag.store(true, Ordering::Release);
-    });
+    let shutdown = crate::telemetry::shutdown_on_signal(health, "writing the open batch")?;
 
     let summary = tokio::task::spawn_blocking(move || tally_sink::run(settings, shutdown))
         .await
@@ -64,7 +50,7 @@ pub(crate) async fn run(config: Config, args: &SinkArgs) -> anyhow::Result<()> {
 
 pub(crate) async fn report(args: ReportArgs) -> anyhow::Result<()> {
     let request = ReportRequest::from_args(&args)?;
-    let location = StoreLocation::parse("--database", &args.database)?;
+    let location = args.store.location()?;
     let text = tokio::task::spawn_blocking(move || {
         report::build(&location, &request).and_then(|built| report::render(&built, args.format))
     })

@@ -88,7 +88,7 @@ pub(crate) async fn export(config: Config, args: ExportArgs) -> anyhow::Result<(
     let text = std::fs::read_to_string(mapping_path)
         .with_context(|| format!("cannot read --mapping {}", mapping_path.display()))?;
     let mapping = Mapping::parse(&text, marketplace)?;
-    let location = StoreLocation::parse("--database", &args.database)?;
+    let location = args.store.location()?;
     let now_ms = match &args.now {
         Some(value) => export::parse_now(value)?,
         None => std::time::SystemTime::now()
@@ -156,7 +156,7 @@ pub(crate) async fn ack(args: AckArgs) -> anyhow::Result<()> {
     };
     let request = read(&args.request, "--request")?;
     let response = read(&args.response, "--response")?;
-    let location = StoreLocation::parse("--database", &args.database)?;
+    let location = args.store.location()?;
     let summary = tokio::task::spawn_blocking(move || {
         export::ack(
             &location,

@@ -35,6 +35,7 @@ use std::convert::Infallible;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -48,9 +49,10 @@ use hyper_util::rt::TokioIo;
 use metrics::{Unit, counter, describe_counter};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
-use tally_core::health::Health;
+use tally_core::health::{Health, Phase};
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Event, Level, Subscriber, debug, warn};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{Event, Level, Subscriber, debug, info, warn};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::{Context as LayerContext, Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
@@ -209,6 +211,28 @@ pub(crate) fn init_metrics(
 struct Endpoint {
     handle: PrometheusHandle,
     probe: Option<HealthProbe>,
+}
+
+/// Turns the first SIGTERM or Ctrl-C into the returned shutdown flag, for a process
+/// whose work runs on a blocking thread that polls the flag: logs the signal with
+/// `then` (what the process does now), reports `stopping` on `/readyz`, and sets the
+/// flag.
+pub(crate) fn shutdown_on_signal(
+    health: Health,
+    then: &'static str,
+) -> anyhow::Result<Arc<AtomicBool>> {
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let flag = Arc::clone(&shutdown);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => info!("sigterm received, {then}"),
+            _ = tokio::signal::ctrl_c() => info!("interrupt received, {then}"),
+        }
+        health.set_phase(Phase::Stopping);
+        flag.store(true, Ordering::Release);
+    });
+    Ok(shutdown)
 }
 
 async fn accept_loop(listener: TcpListener, endpoint: Arc<Endpoint>) {

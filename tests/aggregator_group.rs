@@ -28,6 +28,7 @@ use support::eos::{
     expected_dlq_reasons, free_port, fresh_outputs, input_fully_committed, kafka_client,
     produce_generated, read_committed, read_topic, verify_against_truth, wait_until,
 };
+use support::group::Member;
 use support::prometheus::{Exposition, counter, log_events, parse, scrape, try_scrape};
 use support::{TestTopics, rand_name};
 
@@ -53,66 +54,6 @@ const COMMITS: &str = "tally_aggregator_transaction_commit_seconds_count";
 const ABORTS: &str = "tally_aggregator_transactions_aborted_total";
 /// In-process restarts after a fatal Kafka error.
 const FATAL_RESTARTS: &str = "tally_aggregator_fatal_restarts_total";
-
-/// A group member: a `tally aggregate` process with its own `/metrics` endpoint, so the
-/// test observes it through counters, never through its log text.
-struct Member {
-    process: AggregatorProcess,
-    metrics: String,
-}
-
-impl Member {
-    /// Writes `dir/<log_name>.toml` (the `child` config with a free metrics port) and
-    /// starts the process with `extra` arguments.
-    fn spawn(
-        child: &ChildConfig,
-        topics: &TestTopics,
-        partitions: i32,
-        dir: &Path,
-        log_name: &str,
-        instance_id: &str,
-        extra: &[&str],
-    ) -> Member {
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let mut child = child.clone();
-        child.metrics_listen = metrics.clone();
-        let config = child.write(dir, log_name, topics, partitions);
-        let process = AggregatorProcess::spawn(&config, instance_id, dir, log_name, extra);
-        Member { process, metrics }
-    }
-
-    /// A scrape of the member's endpoint, retried for up to 10 s while the endpoint
-    /// starts; `None` once the process has exited.
-    fn scrape(&mut self) -> Option<Exposition> {
-        let started = Instant::now();
-        loop {
-            if let Some(exposition) = try_scrape(&self.metrics) {
-                return Some(exposition);
-            }
-            if self.process.try_status().is_some() {
-                return None;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{} serves no metrics; log:\n{}",
-                self.process.instance_id,
-                self.process.log_tail(40)
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// [`Member::scrape`] of a member that must be running.
-    fn scrape_running(&mut self) -> Exposition {
-        self.scrape().unwrap_or_else(|| {
-            panic!(
-                "{} exited; log:\n{}",
-                self.process.instance_id,
-                self.process.log_tail(40)
-            )
-        })
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 enum Step {
@@ -194,14 +135,8 @@ fn rebalance_churn_keeps_totals_exact() {
             Step::Term(name) => {
                 let mut member = running.remove(name).expect("the process runs");
                 last_scrape(&mut member);
-                let mut process = member.process;
-                let status = process.terminate(STOP_TIMEOUT);
-                assert!(
-                    status.success(),
-                    "{name} exits 0 on SIGTERM ({status}); log:\n{}",
-                    process.log_tail(40)
-                );
-                finished.push(process);
+                member.terminate_cleanly(STOP_TIMEOUT);
+                finished.push(member.process);
             }
             Step::Kill(name) => {
                 let mut member = running.remove(name).expect("the process runs");
@@ -231,16 +166,10 @@ fn rebalance_churn_keeps_totals_exact() {
         }
         input_fully_committed(&input, &group)
     });
-    for (name, mut member) in std::mem::take(&mut running) {
+    for mut member in std::mem::take(&mut running).into_values() {
         last_scrape(&mut member);
-        let mut process = member.process;
-        let status = process.terminate(STOP_TIMEOUT);
-        assert!(
-            status.success(),
-            "{name} exits 0 on SIGTERM ({status}); log:\n{}",
-            process.log_tail(40)
-        );
-        finished.push(process);
+        member.terminate_cleanly(STOP_TIMEOUT);
+        finished.push(member.process);
     }
     eprintln!("all stopped ({:?})", started.elapsed());
 
@@ -404,12 +333,7 @@ fn zombie_is_fenced_and_its_writes_never_become_visible() {
         input_fully_committed(&input, &group)
     });
     let successor_errors = log_events(&successor.scrape_running(), "error");
-    let successor_status = successor.process.terminate(STOP_TIMEOUT);
-    assert!(
-        successor_status.success(),
-        "Y exits 0 on SIGTERM ({successor_status}); log:\n{}",
-        successor.process.log_tail(40)
-    );
+    successor.terminate_cleanly(STOP_TIMEOUT);
     assert_eq!(successor_errors, 0.0, "Y logged no error");
     // Z either stopped on a fatal error or rejoined the group as a healthy member.
     let zombie_status = zombie.process.terminate(STOP_TIMEOUT);
@@ -1126,8 +1050,7 @@ fn three_members_sigtermed_at_once_each_exit_within_five_seconds() {
         input_fully_committed(&input, &group)
     });
     for member in &mut restarted {
-        let status = member.process.terminate(STOP_TIMEOUT);
-        assert!(status.success(), "restarted members exit 0 ({status})");
+        member.terminate_cleanly(STOP_TIMEOUT);
     }
     verify_against_truth(&input, &outputs, &group, OUTPUT_PARTITIONS);
     eprintln!("verified ({:?})", started.elapsed());

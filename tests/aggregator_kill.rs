@@ -32,8 +32,6 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use support::TestTopics;
@@ -48,6 +46,7 @@ use support::kill::{
     verify_against_truth,
 };
 use support::prometheus::{Exposition, counter, try_scrape};
+use support::replay::delete_records;
 use support::sink_soak::SinkSoak;
 use tally_aggregator::Checkpoint;
 use tally_core::codec::decode_aggregate;
@@ -713,13 +712,11 @@ fn sigterm_commits_and_exits_zero_then_restart_continues_exactly() {
         deleted > 0,
         "input lies below the low water: {low_waters:?}"
     );
-    delete_records(
-        &bootstrap,
-        &input,
-        low_waters
-            .iter()
-            .map(|(partition, (low, _))| (*partition, *low)),
-    );
+    let below: Vec<(i32, i64)> = low_waters
+        .iter()
+        .map(|(partition, (low, _))| (*partition, *low))
+        .collect();
+    delete_records(&input, &below);
     eprintln!("deleted {deleted} input offsets below the low waters {low_waters:?}");
 
     deployment.run_to_end(SHORT_COMMIT_MS);
@@ -744,7 +741,7 @@ fn sigterm_commits_and_exits_zero_then_restart_continues_exactly() {
         .iter()
         .find(|(_, (low, offset))| low < offset)
         .expect("a partition with live state at the SIGTERM");
-    delete_records(&bootstrap, &input, [(partition, low + 1)]);
+    delete_records(&input, &[(partition, low + 1)]);
     let mut refused = clone.spawn(SHORT_COMMIT_MS, false);
     let status = refused
         .wait_timeout(Duration::from_secs(60))
@@ -777,37 +774,6 @@ fn commit_offsets(
     consumer
         .commit(&offsets, CommitMode::Sync)
         .expect("commit a copy of the checkpoints");
-}
-
-/// Deletes the records of `topic` below the given offsets (`DeleteRecords`).
-fn delete_records(bootstrap: &str, topic: &str, below: impl IntoIterator<Item = (i32, i64)>) {
-    let admin: AdminClient<DefaultClientContext> =
-        kafka_client(bootstrap).create().expect("admin client");
-    let mut offsets = TopicPartitionList::new();
-    for (partition, offset) in below {
-        offsets
-            .add_partition_offset(topic, partition, Offset::Offset(offset))
-            .expect("offset");
-    }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let result = runtime
-        .block_on(admin.delete_records(
-            &offsets,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        ))
-        .expect("delete records");
-    for element in result.elements() {
-        assert!(
-            element.error().is_ok(),
-            "delete records of {}/{}: {:?}",
-            element.topic(),
-            element.partition(),
-            element.error()
-        );
-    }
 }
 
 #[test]

@@ -10,14 +10,14 @@
 mod support;
 
 use std::path::Path;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use support::eos::{
-    AggregatorProcess, ChildConfig, EventTime, PacedInput, create_outputs, free_port,
-    fresh_outputs, input_fully_committed, verify_against_truth, wait_until,
+    ChildConfig, EventTime, PacedInput, create_outputs, fresh_outputs, input_fully_committed,
+    verify_against_truth, wait_until,
 };
-use support::prometheus::{Exposition, counter, try_scrape};
+use support::group::Member;
+use support::prometheus::counter;
 use support::{TestTopics, rand_name};
 
 const PARTITIONS: i32 = 2;
@@ -40,64 +40,23 @@ const RESTORED_RECORDS: &str = "tally_aggregator_restored_records_total";
 const CANCELLED: &str = "tally_aggregator_partition_restores_cancelled_total";
 const RESTORING: &str = "tally_aggregator_restoring_partitions";
 
-/// A group member with its own `/metrics` endpoint.
-struct Member {
-    process: AggregatorProcess,
-    metrics: String,
-}
-
-impl Member {
-    fn spawn(
-        child: &ChildConfig,
-        topics: &TestTopics,
-        dir: &Path,
-        name: &str,
-        extra: &[&str],
-    ) -> Member {
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let mut child = child.clone();
-        child.metrics_listen = metrics.clone();
-        let config = child.write(dir, name, topics, PARTITIONS);
-        let process = AggregatorProcess::spawn(&config, &rand_name(name), dir, name, extra);
-        Member { process, metrics }
-    }
-
-    /// A scrape of a member that must be running (retried while its endpoint starts).
-    fn scrape(&mut self) -> Exposition {
-        let started = Instant::now();
-        loop {
-            if let Some(exposition) = try_scrape(&self.metrics) {
-                return exposition;
-            }
-            assert!(
-                self.process.try_status().is_none(),
-                "{} exited; log:\n{}",
-                self.process.instance_id,
-                self.process.log_tail(40)
-            );
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{} serves no metrics; log:\n{}",
-                self.process.instance_id,
-                self.process.log_tail(40)
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn counter(&mut self, name: &str) -> f64 {
-        counter(&self.scrape(), name)
-    }
-
-    fn terminate(mut self) {
-        let status = self.process.terminate(STOP_TIMEOUT);
-        assert!(
-            status.success(),
-            "{} exits 0 after SIGTERM ({status}); log:\n{}",
-            self.process.instance_id,
-            self.process.log_tail(40)
-        );
-    }
+/// Starts member `name` (its log and config named after it, a random instance id).
+fn spawn_member(
+    child: &ChildConfig,
+    topics: &TestTopics,
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+) -> Member {
+    Member::spawn(
+        child,
+        topics,
+        PARTITIONS,
+        dir,
+        name,
+        &rand_name(name),
+        extra,
+    )
 }
 
 /// `a` consumes the first part of a live stream from scratch and leaves (SIGTERM:
@@ -132,16 +91,16 @@ fn a_restore_longer_than_max_poll_interval_keeps_the_member_and_a_revoke_cancels
             ("max.poll.interval.ms", interval.as_str()),
         ]);
 
-    let mut a = Member::spawn(&child, &outputs, dir.path(), "a", &[]);
+    let mut a = spawn_member(&child, &outputs, dir.path(), "a", &[]);
     let total = stream.total_offsets();
     wait_until(PROGRESS_TIMEOUT, "a quarter of the input committed", || {
         stream.committed(&group) >= total / 4
     });
     assert_eq!(a.counter(RESTORES), 0.0, "a started both partitions fresh");
-    a.terminate();
+    a.terminate_cleanly(STOP_TIMEOUT);
 
     let restore_ms = RESTORE_MS.to_string();
-    let mut b = Member::spawn(
+    let mut b = spawn_member(
         &child,
         &outputs,
         dir.path(),
@@ -149,10 +108,10 @@ fn a_restore_longer_than_max_poll_interval_keeps_the_member_and_a_revoke_cancels
         &["--restore-min-duration-ms", &restore_ms],
     );
     wait_until(PROGRESS_TIMEOUT, "b restores both partitions", || {
-        counter(&b.scrape(), RESTORING) == 2.0
+        counter(&b.scrape_running(), RESTORING) == 2.0
     });
     let b_restoring_since = Instant::now();
-    let mut c = Member::spawn(&child, &outputs, dir.path(), "c", &[]);
+    let mut c = spawn_member(&child, &outputs, dir.path(), "c", &[]);
     wait_until(PROGRESS_TIMEOUT, "c restored its partition", || {
         c.counter(RESTORES) >= 1.0
     });
@@ -177,8 +136,8 @@ fn a_restore_longer_than_max_poll_interval_keeps_the_member_and_a_revoke_cancels
     wait_until(PROGRESS_TIMEOUT, "the whole input committed", || {
         input_fully_committed(&input, &group)
     });
-    let b_metrics = b.scrape();
-    let c_metrics = c.scrape();
+    let b_metrics = b.scrape_running();
+    let c_metrics = c.scrape_running();
     let b_counts = [
         counter(&b_metrics, ASSIGNMENTS),
         counter(&b_metrics, REVOCATIONS),
@@ -206,8 +165,8 @@ fn a_restore_longer_than_max_poll_interval_keeps_the_member_and_a_revoke_cancels
         counter(&b_metrics, RESTORED_RECORDS) > 0.0 && counter(&c_metrics, RESTORED_RECORDS) > 0.0,
         "both restores re-read input"
     );
-    b.terminate();
-    c.terminate();
+    b.terminate_cleanly(STOP_TIMEOUT);
+    c.terminate_cleanly(STOP_TIMEOUT);
     verify_against_truth(&input, &outputs, &group, OUTPUT_PARTITIONS);
     eprintln!("wall time {:?}", test_started.elapsed());
 }

@@ -13,15 +13,14 @@
 //!
 //! Files only (and the `tally` binary for `config check` and `--help`): no broker.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_yaml::Value;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use support::ops::{metric_names, repo};
 
 fn read(relative: &str) -> String {
     std::fs::read_to_string(repo().join(relative))
@@ -174,32 +173,6 @@ const KNOWN_LABELS: [&str; 8] = [
     "partner",
     "le",
 ];
-
-/// Metric names a PromQL expression uses (identifiers starting `tally_`, and `up`).
-fn metric_names(expression: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    let mut token = String::new();
-    let mut in_string = false;
-    for c in expression.chars().chain(std::iter::once(' ')) {
-        if c == '"' {
-            in_string = !in_string;
-            token.clear();
-            continue;
-        }
-        if in_string {
-            continue;
-        }
-        if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
-            token.push(c);
-        } else {
-            if token.starts_with("tally_") || (token == "up" && (c == '{' || c == ' ')) {
-                names.insert(token.clone());
-            }
-            token.clear();
-        }
-    }
-    names
-}
 
 /// Label names in `by (...)`, `on (...)`, `without (...)`, `ignoring (...)` clauses.
 fn grouping_labels(expression: &str) -> BTreeSet<String> {
@@ -556,6 +529,7 @@ fn check_env_var(place: &str, name: &str, fields: &BTreeSet<String>) {
         read("src/main.rs"),
         read("crates/tally-aggregator/src/settings.rs"),
         read("crates/tally-sink/src/run.rs"),
+        read("crates/tally-sink/src/args.rs"),
     ];
     assert!(
         sources.iter().any(|source| source.contains(&declared)),

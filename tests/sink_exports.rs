@@ -16,7 +16,7 @@ use serde_json::Value as Json;
 use support::finance::{
     FEB_2026_MS, HOUR_MS, MINUTE_MS, RowSpec, finance_config, tally_ok, write_rows,
 };
-use support::money::TruthContracts;
+use support::money::{TruthContracts, format_utc_ms};
 use tally_core::event::Cloud;
 use tally_sink::StoreLocation;
 
@@ -342,7 +342,7 @@ fn export(
     config: &Path,
     mapping: &Path,
 ) -> Json {
-    let now_text = rfc3339(now);
+    let now_text = format_utc_ms(now);
     let text = tally_ok(
         &[
             "export",
@@ -362,26 +362,6 @@ fn export(
     );
     let json_start = text.find('{').expect("a summary");
     serde_json::from_str(&text[json_start..]).expect("summary json")
-}
-
-fn rfc3339(ms: i64) -> String {
-    let days = ms.div_euclid(86_400_000);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let seconds = ms.rem_euclid(86_400_000) / 1000;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        seconds / 3600,
-        seconds / 60 % 60,
-        seconds % 60
-    )
 }
 
 /// Every request file of `market` under `out` (name → bytes), manifest apart.
@@ -521,7 +501,7 @@ fn aws_exports_carry_correct_defer_and_acknowledge_exactly_in_sqlite() {
 fn aws_exports_carry_correct_defer_and_acknowledge_exactly_in_postgres() {
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("temp dir");
-    let database = support::finance::pg_fresh_database("export");
+    let database = support::sink::pg_fresh_database_named("export");
     aws_flow(&database, dir.path());
     eprintln!("aws export test (postgres) took {:?}", started.elapsed());
 }
@@ -587,7 +567,7 @@ fn aws_flow(database: &str, dir: &Path) {
     model.run(market, &contracts, &store, now2);
     assert_eq!(
         second["hours_exported"],
-        serde_json::json!([rfc3339(H0 + 3 * HOUR_MS)])
+        serde_json::json!([format_utc_ms(H0 + 3 * HOUR_MS)])
     );
     assert_eq!(
         records(&dir.join("c"), market),
@@ -607,8 +587,8 @@ fn aws_flow(database: &str, dir: &Path) {
     let manifest_c = manifest(&dir.join("c"), market);
     let mut carried_got = BTreeMap::new();
     for entry in manifest_c["carried"].as_array().expect("carried") {
-        assert_eq!(entry["into_hour"], rfc3339(H0 + 3 * HOUR_MS));
-        assert_eq!(entry["usage_hour"], rfc3339(H0));
+        assert_eq!(entry["into_hour"], format_utc_ms(H0 + 3 * HOUR_MS));
+        assert_eq!(entry["usage_hour"], format_utc_ms(H0));
         carried_got.insert(
             (
                 entry["customer"].as_str().expect("customer").to_owned(),
@@ -635,7 +615,7 @@ fn aws_flow(database: &str, dir: &Path) {
     assert_eq!(model.overdue, vec![H0 + 4 * HOUR_MS]);
     assert_eq!(
         third["hours_overdue"],
-        serde_json::json!([rfc3339(H0 + 4 * HOUR_MS)])
+        serde_json::json!([format_utc_ms(H0 + 4 * HOUR_MS)])
     );
     assert_eq!(
         records(&dir.join("d"), market),
@@ -645,7 +625,7 @@ fn aws_flow(database: &str, dir: &Path) {
     let overdue = &manifest(&dir.join("d"), market)["overdue"];
     assert_eq!(
         overdue,
-        &serde_json::json!([{ "hour": rfc3339(H0 + 4 * HOUR_MS), "carried_into": rfc3339(H0 + 5 * HOUR_MS) }])
+        &serde_json::json!([{ "hour": format_utc_ms(H0 + 4 * HOUR_MS), "carried_into": format_utc_ms(H0 + 5 * HOUR_MS) }])
     );
 
     // The uploader posts hour 10's first request: one DuplicateRecord (delivered), one
@@ -653,7 +633,7 @@ fn aws_flow(database: &str, dir: &Path) {
     let d = dir.join("d");
     let request_path = d
         .join("aws")
-        .join(format!("{}Z-00.json", &rfc3339(H0)[..13]));
+        .join(format!("{}Z-00.json", &format_utc_ms(H0)[..13]));
     let request: Json =
         serde_json::from_slice(&std::fs::read(&request_path).expect("request")).expect("json");
     let sent = request["UsageRecords"].as_array().expect("records").clone();
@@ -700,7 +680,7 @@ fn aws_flow(database: &str, dir: &Path) {
     assert_eq!(summary["unknown"], 0);
     // Acknowledging every request of hour 10 removes the hour from the next run's files.
     for (name, _) in files(&d, market) {
-        if !name.starts_with(&rfc3339(H0)[..13]) {
+        if !name.starts_with(&format_utc_ms(H0)[..13]) {
             continue;
         }
         let path = d.join("aws").join(&name);
@@ -723,12 +703,12 @@ fn aws_flow(database: &str, dir: &Path) {
     let left = files(&dir.join("e"), market);
     assert!(
         left.keys()
-            .all(|name| !name.starts_with(&rfc3339(H0)[..13])),
+            .all(|name| !name.starts_with(&format_utc_ms(H0)[..13])),
         "{left:?}"
     );
     assert!(
         left.keys()
-            .any(|name| name.starts_with(&rfc3339(H0 + HOUR_MS)[..13]))
+            .any(|name| name.starts_with(&format_utc_ms(H0 + HOUR_MS)[..13]))
     );
 }
 
@@ -795,7 +775,7 @@ fn azure_and_gcp_exports_follow_their_rules() {
         .path()
         .join("azure")
         .join("azure")
-        .join(format!("{}Z-00.json", &rfc3339(H0)[..13]));
+        .join(format!("{}Z-00.json", &format_utc_ms(H0)[..13]));
     let azure_body: Json =
         serde_json::from_slice(&std::fs::read(&azure_request).expect("azure request"))
             .expect("json");
@@ -807,7 +787,7 @@ fn azure_and_gcp_exports_follow_their_rules() {
         .path()
         .join("gcp")
         .join("gcp")
-        .join(format!("{}Z-00.json", &rfc3339(H0)[..13]));
+        .join(format!("{}Z-00.json", &format_utc_ms(H0)[..13]));
     let gcp_body: Json =
         serde_json::from_slice(&std::fs::read(&gcp_request).expect("gcp request")).expect("json");
     let operations = gcp_body["operations"].as_array().expect("operations");
@@ -921,7 +901,7 @@ fn new_hours_wait_until_the_sink_reached_the_end_of_the_aggregates_topic() {
                 "--out",
                 &dir.path().join("out").display().to_string(),
                 "--now",
-                &rfc3339(now),
+                &format_utc_ms(now),
             ],
             &config,
         );
@@ -936,7 +916,10 @@ fn new_hours_wait_until_the_sink_reached_the_end_of_the_aggregates_topic() {
     let now = H0 + HOUR_MS + LIVENESS_MS;
     let first = run(now);
     assert_eq!(first["sink_caught_up"], true);
-    assert_eq!(first["hours_exported"], serde_json::json!([rfc3339(H0)]));
+    assert_eq!(
+        first["hours_exported"],
+        serde_json::json!([format_utc_ms(H0)])
+    );
     // Two more records on partition 0 the sink has not stored: the next hour waits.
     support::sink::produce_synthetic_rows(&topic, 1, 8..10);
     let later = run(now + HOUR_MS);

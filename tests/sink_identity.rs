@@ -22,7 +22,7 @@ use tally_core::codec::encode_aggregate;
 use tally_core::config::Config;
 use tally_core::event::{Cloud, TokenCounts};
 use tally_sink::run::ExitReason;
-use tally_sink::{SinkArgs, SinkError, SinkSettings, SinkSummary};
+use tally_sink::{SinkArgs, SinkError, SinkSettings, SinkSummary, StoreArgs};
 
 fn recorder() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -103,7 +103,7 @@ fn settings(topic: &str, database: &str) -> SinkSettings {
     config.kafka.bootstrap_servers = bootstrap();
     config.topics.billing_aggregates = topic.to_owned();
     let args = SinkArgs {
-        database: database.to_owned(),
+        store: StoreArgs::new(database),
         group_id: Some(rand_name("sink-identity")),
         batch_max_rows: Some(100),
         batch_max_age_ms: Some(100),

@@ -53,14 +53,7 @@ impl Drop for Paused {
 #[test]
 fn a_database_outage_longer_than_the_poll_interval_loses_and_skips_nothing() {
     let started = Instant::now();
-    let base = rand_name("sink-outage");
-    let topics = TestTopics {
-        usage_events: format!("{base}.usage.events"),
-        billing_aggregates: format!("{base}.billing.aggregates"),
-        late: format!("{base}.usage.late"),
-        dlq: format!("{base}.usage.dlq"),
-        checkpoints: format!("{base}.tally.checkpoints"),
-    };
+    let topics = TestTopics::with_prefix("sink-outage");
     create_topics(&bootstrap(), &[&topics.billing_aggregates], PARTITIONS);
     produce_synthetic_rows(&topics.billing_aggregates, PARTITIONS, 0..ROWS);
     let records = read_committed(&bootstrap(), &topics.billing_aggregates, PARTITIONS);

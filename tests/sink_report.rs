@@ -14,7 +14,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::rand_name;
+use support::money::{civil_from_days, days_from_civil};
+use support::sink::pg_fresh_database_named;
 use tally_core::aggregate::{BillingAggregate, Dims, RowKind};
 use tally_core::codec::encode_aggregate;
 use tally_core::event::{Cloud, TokenCounts};
@@ -55,20 +56,6 @@ const ZONES: [&str; 5] = [
     "America/St_Johns",
     "Europe/Berlin",
 ];
-
-/// (year, month, day) of a count of days since 1970-01-01 (H. Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
 
 fn local_day(zone: &str, utc_ms: i64) -> String {
     let (year, month, day) = civil_from_days((utc_ms + offset_ms(zone, utc_ms)).div_euclid(DAY_MS));
@@ -260,16 +247,6 @@ fn reported(database: &str, zone: &str, period: &str, key_len: usize, config: &P
     totals
 }
 
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let yoe = year - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 fn format_offset(offset_ms: i64) -> String {
     let sign = if offset_ms < 0 { '-' } else { '+' };
     let minutes = offset_ms.abs() / MINUTE_MS;
@@ -316,27 +293,7 @@ fn daily_and_monthly_rollups_are_exact_in_five_zones_across_dst_in_sqlite() {
 #[test]
 fn daily_and_monthly_rollups_are_exact_in_five_zones_across_dst_in_postgres() {
     let started = Instant::now();
-    let url = std::env::var("TALLY_TEST_PG_URL")
-        .expect("TALLY_TEST_PG_URL is not set: run the tests through deploy/local/test.sh");
-    let name = rand_name("report").replace('-', "_");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-        let driver = tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create database");
-        drop(client);
-        let _ = driver.await;
-    });
-    let (base, _) = url.rsplit_once('/').expect("a database in the URL");
-    let database = format!("{base}/{name}");
+    let database = pg_fresh_database_named("report");
     fill(&StoreLocation::parse("database", &database).expect("location"));
     let dir = tempfile::tempdir().expect("temp dir");
     check_all_zones(&database, &empty_config(dir.path()));

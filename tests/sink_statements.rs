@@ -11,10 +11,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use support::finance::{
-    FEB_2026_MS, HOUR_MS, MINUTE_MS, RowSpec, TOPIC, finance_config, pg_fresh_database, tally_ok,
-    write_rows,
+    FEB_2026_MS, HOUR_MS, MINUTE_MS, RowSpec, TOPIC, finance_config, tally_ok, write_rows,
 };
-use support::money::TruthContracts;
+use support::money::{TruthContracts, format_utc_ms};
+use support::sink::pg_fresh_database_named;
 use tally_core::event::Cloud;
 use tally_sink::StoreLocation;
 
@@ -133,27 +133,6 @@ type Key = (
 /// (rows, gross, amount) per line.
 type Lines = BTreeMap<Key, (i64, i64, i64)>;
 
-/// `YYYY-MM-DDTHH:MM:SSZ` of a UTC minute, by the civil-from-days algorithm.
-fn rfc3339(ms: i64) -> String {
-    let days = ms.div_euclid(DAY_MS);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let seconds = ms.rem_euclid(DAY_MS) / 1000;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        seconds / 3600,
-        seconds / 60 % 60,
-        seconds % 60
-    )
-}
-
 /// The statement the test expects for `partner` over `[from, to)`.
 fn expected(
     contracts: &TruthContracts,
@@ -185,7 +164,7 @@ fn expected(
         let key = (
             if correction { "correction" } else { "usage" }.to_owned(),
             if correction {
-                rfc3339(spec.window_start_ms)
+                format_utc_ms(spec.window_start_ms)
             } else {
                 String::new()
             },
@@ -430,7 +409,7 @@ fn statements_equal_the_contracts_arithmetic_and_regenerate_byte_for_byte() {
     let from_sqlite = run_on(&sqlite, sqlite_dir.path());
 
     let pg_dir = tempfile::tempdir().expect("temp dir");
-    let postgres = pg_fresh_database("statement");
+    let postgres = pg_fresh_database_named("statement");
     let from_postgres = run_on(&postgres, pg_dir.path());
     assert_eq!(
         from_postgres, from_sqlite,

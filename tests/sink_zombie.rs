@@ -131,14 +131,7 @@ fn a_stopped_sink_whose_partitions_moved_on_is_fenced_and_the_store_stays_exact(
     const PARTITIONS: i32 = 2;
     const PHASE_ROWS: i64 = 500;
     let started = Instant::now();
-    let base = rand_name("sink-zombie");
-    let topics = TestTopics {
-        usage_events: format!("{base}.usage.events"),
-        billing_aggregates: format!("{base}.billing.aggregates"),
-        late: format!("{base}.usage.late"),
-        dlq: format!("{base}.usage.dlq"),
-        checkpoints: format!("{base}.tally.checkpoints"),
-    };
+    let topics = TestTopics::with_prefix("sink-zombie");
     create_topics(&bootstrap(), &[&topics.billing_aggregates], PARTITIONS);
     let url = pg_fresh_database();
     let dir = tempfile::tempdir().expect("temp dir");

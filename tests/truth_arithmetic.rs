@@ -4,7 +4,10 @@
 #[path = "support/money.rs"]
 mod money;
 
-use money::{ExpectedAmounts, TruthContracts, half_even, parse_utc_ms};
+use money::{
+    ExpectedAmounts, TruthContracts, civil_from_days, days_from_civil, format_utc_ms, half_even,
+    parse_utc_ms,
+};
 
 /// 2024-01-01T00:00:00Z: the first versions (price book "2024-01", share rules "2024-01").
 const JAN_2024_MS: i64 = 1_704_067_200_000;
@@ -23,6 +26,24 @@ fn timestamps_parse_to_known_epoch_milliseconds() {
     );
     assert_eq!(parse_utc_ms("2024-01-01T00:00:00+01:00"), None);
     assert_eq!(parse_utc_ms("2024-13-01T00:00:00Z"), None);
+}
+
+#[test]
+fn civil_dates_convert_both_ways() {
+    // Day counts from Python's datetime.date arithmetic.
+    let cases = [
+        ((1970, 1, 1), 0),
+        ((1969, 12, 31), -1),
+        ((2000, 3, 1), 11_017),
+        ((2024, 2, 29), 19_782),
+    ];
+    for (date, days) in cases {
+        assert_eq!(days_from_civil(date.0, date.1, date.2), days, "{date:?}");
+        assert_eq!(civil_from_days(days), date, "{days}");
+    }
+    assert_eq!(format_utc_ms(1_772_963_970_000), "2026-03-08T09:59:30Z");
+    assert_eq!(format_utc_ms(-1_000), "1969-12-31T23:59:59Z");
+    assert_eq!(parse_utc_ms(&format_utc_ms(FEB_2026_MS)), Some(FEB_2026_MS));
 }
 
 #[test]

@@ -107,13 +107,9 @@ pub fn create_topics(bootstrap: &str, names: &[&str], partitions: i32) {
 
 /// Fresh output topic names for a run over `input_topic`.
 pub fn fresh_outputs(input_topic: &str) -> TestTopics {
-    let base = rand_name("t");
     TestTopics {
         usage_events: input_topic.to_owned(),
-        billing_aggregates: format!("{base}.billing.aggregates"),
-        late: format!("{base}.usage.late"),
-        dlq: format!("{base}.usage.dlq"),
-        checkpoints: format!("{base}.tally.checkpoints"),
+        ..TestTopics::random()
     }
 }
 

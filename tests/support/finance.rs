@@ -192,31 +192,6 @@ pub fn write_rows_to(
     offsets
 }
 
-/// A fresh PostgreSQL database on the test server (`TALLY_TEST_PG_URL`); its URL.
-pub fn pg_fresh_database(prefix: &str) -> String {
-    let url = std::env::var("TALLY_TEST_PG_URL")
-        .expect("TALLY_TEST_PG_URL is not set: run the tests through deploy/local/test.sh");
-    let name = super::rand_name(prefix).replace('-', "_");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-        let driver = tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create database");
-        drop(client);
-        let _ = driver.await;
-    });
-    let (base, _) = url.rsplit_once('/').expect("a database in the URL");
-    format!("{base}/{name}")
-}
-
 /// A config for the binary: no metrics listener, the aggregator's timing explicit
 /// (liveness bound = 60 000 + 30 000 + 10 000 + 2 × 1 000 = 102 000 ms).
 pub fn finance_config(dir: &std::path::Path) -> std::path::PathBuf {

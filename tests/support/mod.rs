@@ -4,6 +4,7 @@
 
 pub mod eos;
 pub mod finance;
+pub mod group;
 pub mod kill;
 pub mod money;
 pub mod ops;
@@ -42,8 +43,14 @@ pub struct TestTopics {
 }
 
 impl TestTopics {
+    /// Random names (`t-<random>.usage.events`, ...).
     pub fn random() -> TestTopics {
-        let base = rand_name("t");
+        TestTopics::with_prefix("t")
+    }
+
+    /// Random names that start with `prefix` (`<prefix>-<random>.usage.events`, ...).
+    pub fn with_prefix(prefix: &str) -> TestTopics {
+        let base = rand_name(prefix);
         TestTopics {
             usage_events: format!("{base}.usage.events"),
             billing_aggregates: format!("{base}.billing.aggregates"),

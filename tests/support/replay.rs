@@ -192,7 +192,9 @@ pub fn delete_records(topic: &str, below: &[(i32, i64)]) {
     for element in result.elements() {
         assert!(
             element.error().is_ok(),
-            "delete records: {:?}",
+            "delete records of {}/{}: {:?}",
+            element.topic(),
+            element.partition(),
             element.error()
         );
     }

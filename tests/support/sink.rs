@@ -241,8 +241,13 @@ pub fn pg_runtime() -> tokio::runtime::Runtime {
 
 /// A fresh database on the test server; returns its URL.
 pub fn pg_fresh_database() -> String {
+    pg_fresh_database_named("sink")
+}
+
+/// A fresh database on the test server named `<prefix>_<random>`; returns its URL.
+pub fn pg_fresh_database_named(prefix: &str) -> String {
     let url = pg_url();
-    let name = rand_name("sink").replace('-', "_");
+    let name = rand_name(prefix).replace('-', "_");
     pg_runtime().block_on(async {
         let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await

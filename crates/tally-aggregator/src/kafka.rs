@@ -492,35 +492,29 @@ mod tests {
     #[test]
     fn broker_connection_failures_and_transaction_errors_log_as_warnings() {
         use tracing::Level;
-        // librdkafka logs a refused or dropped broker connection as FAIL at LOG_ERR.
-        assert_eq!(
-            librdkafka_level(RDKafkaLogLevel::Error, "FAIL"),
-            Level::WARN
-        );
-        assert_eq!(
-            librdkafka_level(RDKafkaLogLevel::Error, "TXNERR"),
-            Level::WARN
-        );
-        assert_eq!(
-            librdkafka_level(RDKafkaLogLevel::Critical, "FAIL"),
-            Level::WARN
-        );
-        assert_eq!(
-            librdkafka_level(RDKafkaLogLevel::Error, "SSL"),
-            Level::ERROR
-        );
-        assert_eq!(
-            librdkafka_level(RDKafkaLogLevel::Error, "SASL"),
-            Level::ERROR
-        );
-        assert_eq!(
-            librdkafka_level(RDKafkaLogLevel::Warning, "FAIL"),
-            Level::WARN
-        );
-        assert_eq!(librdkafka_level(RDKafkaLogLevel::Info, "FAIL"), Level::INFO);
-        assert_eq!(
-            librdkafka_level(RDKafkaLogLevel::Debug, "FAIL"),
-            Level::DEBUG
-        );
+        // librdkafka logs a refused or dropped broker connection as FAIL at LOG_ERR;
+        // FAIL and TXNERR are reported through the error callbacks too, so their log
+        // lines are warnings at any severity from LOG_ERR up. Other facilities keep
+        // librdkafka's severity.
+        let cases = [
+            (RDKafkaLogLevel::Error, "FAIL", Level::WARN),
+            (RDKafkaLogLevel::Error, "TXNERR", Level::WARN),
+            (RDKafkaLogLevel::Critical, "FAIL", Level::WARN),
+            (RDKafkaLogLevel::Emerg, "TXNERR", Level::WARN),
+            (RDKafkaLogLevel::Error, "SSL", Level::ERROR),
+            (RDKafkaLogLevel::Error, "SASL", Level::ERROR),
+            (RDKafkaLogLevel::Alert, "SASL", Level::ERROR),
+            (RDKafkaLogLevel::Warning, "FAIL", Level::WARN),
+            (RDKafkaLogLevel::Notice, "FAIL", Level::INFO),
+            (RDKafkaLogLevel::Info, "FAIL", Level::INFO),
+            (RDKafkaLogLevel::Debug, "FAIL", Level::DEBUG),
+        ];
+        for (level, facility, expected) in cases {
+            assert_eq!(
+                librdkafka_level(level, facility),
+                expected,
+                "{level:?} {facility}"
+            );
+        }
     }
 }

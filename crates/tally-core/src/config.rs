@@ -870,56 +870,9 @@ mod tests {
     }
     use crate::codec::{decode_aggregate, encode_aggregate};
     use crate::event::{Cloud, TokenCounts};
-    use crate::window::WindowSize;
-
-    /// Contracts whose largest share rule (by encoded size) is the aws/"p" rule with
-    /// three beneficiaries; the fallback rule has one with a longer name.
-    const CONTRACTS: &str = r#"
-[[price_book]]
-version = "2025-01"
-effective_from = "2025-01-01T00:00:00Z"
-currency = "USD"
-billable_statuses = ["succeeded"]
-
-[price_book.models.atlas-large]
-input = 1
-cached_input = 1
-output = 1
-reasoning = 1
-
-[[price_book]]
-version = "2025-02-renegotiated"
-effective_from = "2025-02-01T00:00:00Z"
-currency = "USD"
-billable_statuses = ["succeeded"]
-
-[price_book.models.atlas-large]
-input = 2
-cached_input = 2
-output = 2
-reasoning = 2
-
-[[share_rules]]
-version = "2025-01"
-effective_from = "2025-01-01T00:00:00Z"
-
-[[share_rules.rules]]
-cloud = "aws"
-beneficiaries = [{ partner = "a-partner-with-a-long-name-0123456789", basis_points = 2000 }]
-
-[[share_rules.rules]]
-cloud = "aws"
-channel_partner = "p"
-beneficiaries = [
-  { partner = "alpha", basis_points = 1000 },
-  { partner = "beta", basis_points = 1000 },
-  { partner = "gamma-partners", basis_points = 500 },
-]
-"#;
-
-    fn contracts() -> Contracts {
-        Contracts::load(CONTRACTS, WindowSize::ONE_MINUTE).expect("test contracts load")
-    }
+    // The fixture's largest share rule (by encoded size) is the aws/"p" rule with
+    // three beneficiaries; the fallback rule has one with a longer name.
+    use crate::test_fixtures::contracts;
 
     #[test]
     fn output_timestamp_bound_adds_input_bound_skew_and_one_window() {

@@ -18,6 +18,9 @@ pub mod money;
 pub mod partition;
 pub mod routing;
 pub mod semantics;
+#[cfg(any(test, feature = "test-fixtures"))]
+#[doc(hidden)]
+pub mod test_fixtures;
 pub mod timefmt;
 pub mod validate;
 pub mod window;

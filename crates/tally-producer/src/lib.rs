@@ -10,5 +10,8 @@
 //! it.
 
 pub mod producer;
+#[cfg(feature = "test-support")]
+#[doc(hidden)]
+pub mod test_support;
 
 pub use producer::{DeliveryStats, ProduceError, ProducerOptions, UsageProducer};

@@ -3,60 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Message, Timestamp};
 use rdkafka::mocking::MockCluster;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tally_core::codec::{Decoded, decode_record};
 use tally_core::event::{TickOrigin, UsageTick};
+use tally_producer::test_support::{client_config, consume_all, rand_test_topic};
 use tally_producer::{ProduceError, ProducerOptions, UsageProducer};
-
-fn rand_test_topic() -> String {
-    format!("usage.events-{:08x}", rand::random::<u32>())
-}
-
-fn client_config(bootstrap: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", bootstrap);
-    config
-}
-
-/// A consumed record: partition, key, value, create time.
-type Consumed = (i32, Option<Vec<u8>>, Vec<u8>, i64);
-
-/// Reads `expected` records from every partition of `topic`, from the beginning.
-fn consume_all(bootstrap: &str, topic: &str, partitions: i32, expected: usize) -> Vec<Consumed> {
-    let consumer: BaseConsumer = client_config(bootstrap)
-        .set("group.id", "tally-producer-test")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut assignment = TopicPartitionList::new();
-    for partition in 0..partitions {
-        assignment
-            .add_partition_offset(topic, partition, Offset::Beginning)
-            .expect("assignment");
-    }
-    consumer.assign(&assignment).expect("assign");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut records = Vec::new();
-    while records.len() < expected && Instant::now() < deadline {
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = message.expect("consume");
-        let Timestamp::CreateTime(timestamp) = message.timestamp() else {
-            panic!("records carry their create time");
-        };
-        records.push((
-            message.partition(),
-            message.key().map(<[u8]>::to_vec),
-            message.payload().unwrap_or_default().to_vec(),
-            timestamp,
-        ));
-    }
-    records
-}
 
 #[test]
 fn sends_ticks_to_the_partition_asked_for() {

@@ -236,7 +236,7 @@ pub fn classification_changes(
 #[cfg(test)]
 mod tests {
     use tally_core::partition::{Clock, LowWater, PartitionCounters, StateDigest};
-    use tally_core::window::WindowSize;
+    use tally_core::test_fixtures::{ATLAS_MINI_PRICES, CONTRACTS, load};
 
     use super::*;
 
@@ -331,64 +331,44 @@ mod tests {
         assert!(!row_in_range(1_200_000, 1_260_000, 600_000, 1_200_000));
     }
 
-    const LIVE: &str = r#"
-[[price_book]]
-version = "2025-01"
-effective_from = "2025-01-01T00:00:00Z"
-currency = "USD"
-billable_statuses = ["succeeded"]
-[price_book.models.atlas-large]
-input = 2_500_000_000
-cached_input = 1_250_000_000
-output = 10_000_000_000
-reasoning = 10_000_000_000
-[price_book.models.atlas-mini]
-input = 150_000_000
-cached_input = 37_500_000
-output = 600_000_000
-reasoning = 600_000_000
-
-[[share_rules]]
-version = "2025-01"
-effective_from = "2025-01-01T00:00:00Z"
-[[share_rules.rules]]
-cloud = "aws"
-beneficiaries = [{ partner = "aws", basis_points = 2000 }]
-"#;
-
-    fn load(text: &str) -> Contracts {
-        Contracts::load(text, WindowSize::ONE_MINUTE).expect("test contracts load")
-    }
-
     #[test]
     fn accepts_what_if_contracts_that_change_only_prices_and_shares() {
-        let what_if = LIVE
+        let what_if = CONTRACTS
             .replace("basis_points = 2000", "basis_points = 2500")
-            .replace("input = 2_500_000_000", "input = 2_000_000_000")
+            .replace("input = 1\n", "input = 4\n")
             .replace("version = \"2025-01\"", "version = \"what-if\"");
-        assert_eq!(classification_changes(&load(LIVE), &load(&what_if)), vec![]);
+        assert_ne!(what_if, CONTRACTS);
+        assert_eq!(
+            classification_changes(&load(CONTRACTS), &load(&what_if)),
+            vec![]
+        );
     }
 
     #[test]
     fn refuses_what_if_contracts_that_change_which_events_are_rejected() {
-        let live = load(LIVE);
-        let no_mini = LIVE.replace(
-            "[price_book.models.atlas-mini]\ninput = 150_000_000\ncached_input = 37_500_000\noutput = 600_000_000\nreasoning = 600_000_000\n",
-            "",
-        );
+        // 2025-01-01T00:00:00Z, when the fixture's first price book starts.
+        const JAN_2025_MS: i64 = 1_735_689_600_000;
+        let live = load(CONTRACTS);
+        let no_mini = CONTRACTS.replace(ATLAS_MINI_PRICES, "");
+        // atlas-mini now starts with the second price book.
         let changes = classification_changes(&live, &load(&no_mini));
         assert_eq!(changes.len(), 1, "{changes:?}");
         assert!(changes[0].what.contains("atlas-mini"));
-        assert_eq!(changes[0].from_ms, 1_735_689_600_000);
+        assert_eq!(changes[0].from_ms, JAN_2025_MS);
 
-        let later = LIVE.replacen("2025-01-01T00:00:00Z", "2025-02-01T00:00:00Z", 1);
+        let later = CONTRACTS.replacen("2025-01-01T00:00:00Z", "2025-01-15T00:00:00Z", 1);
         let changes = classification_changes(&live, &load(&later));
-        assert_eq!(changes.len(), 1, "a month without prices: {changes:?}");
+        assert_eq!(changes.len(), 1, "two weeks without prices: {changes:?}");
+        assert_eq!(changes[0].from_ms, JAN_2025_MS);
 
-        let billed = LIVE.replace(
+        // The first price book's statuses only: one change, where it starts.
+        let billed = CONTRACTS.replacen(
             "billable_statuses = [\"succeeded\"]",
             "billable_statuses = [\"succeeded\", \"failed\"]",
+            1,
         );
-        assert_eq!(classification_changes(&live, &load(&billed)).len(), 1);
+        let changes = classification_changes(&live, &load(&billed));
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(changes[0].from_ms, JAN_2025_MS);
     }
 }

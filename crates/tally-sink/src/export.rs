@@ -88,6 +88,7 @@ use serde::Serialize;
 use serde_json::{Value as Json, json};
 use sha2::{Digest, Sha256};
 
+use crate::args::{DATABASE_HELP_AS_FOR_SINK, StoreArgs};
 use crate::db::{Db, Value};
 use crate::error::SinkError;
 use crate::mapping::{Mapping, Marketplace, Measure};
@@ -102,14 +103,11 @@ const EXPORT_LOCK: i64 = 0x74_61_6c_6c_79_78;
 
 /// Flags of `tally export`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(mut_arg("database", |arg| arg.help(DATABASE_HELP_AS_FOR_SINK)))]
 pub struct ExportArgs {
-    /// The billing store (as for `tally sink`).
-    #[arg(
-        long,
-        env = "TALLY_SINK_DATABASE",
-        default_value = "sqlite:tally-billing.db"
-    )]
-    pub database: String,
+    /// The billing store (`--database`).
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// aws | azure | gcp (required).
     #[arg(long)]
     pub marketplace: Option<Marketplace>,
@@ -131,14 +129,11 @@ pub struct ExportArgs {
 
 /// Flags of `tally export ack`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(mut_arg("database", |arg| arg.help(DATABASE_HELP_AS_FOR_SINK)))]
 pub struct AckArgs {
-    /// The billing store (as for `tally sink`).
-    #[arg(
-        long,
-        env = "TALLY_SINK_DATABASE",
-        default_value = "sqlite:tally-billing.db"
-    )]
-    pub database: String,
+    /// The billing store (`--database`).
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// aws | azure | gcp.
     #[arg(long)]
     pub marketplace: Marketplace,

@@ -50,6 +50,7 @@
 //! offset is a multiple of 15 minutes: any zone's hours, days and months are exact
 //! sums of buckets ([`report`]). Amounts are sums of per-row rounded micro-units.
 
+pub mod args;
 mod db;
 pub mod error;
 pub mod export;
@@ -64,6 +65,7 @@ mod sqlite;
 pub mod statement;
 pub mod store;
 
+pub use args::StoreArgs;
 pub use error::SinkError;
 pub use pg::{APPLICATION_NAME, COMMIT_DELAY_ENV, PgStore};
 pub use run::{SinkArgs, SinkSettings, SinkSummary, run};

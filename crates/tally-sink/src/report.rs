@@ -20,6 +20,7 @@ use jiff::tz::TimeZone;
 use jiff::{RoundMode, Timestamp, Unit, Zoned, ZonedRound};
 use serde::Serialize;
 
+use crate::args::{DATABASE_HELP_AS_FOR_SINK, StoreArgs};
 use crate::error::SinkError;
 use crate::rows::{BUCKET_MS, RollupKey, RollupSums};
 use crate::store::{Store, StoreLocation};
@@ -30,14 +31,11 @@ pub const AMOUNTS_NOTE: &str =
 
 /// Flags of `tally report`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(mut_arg("database", |arg| arg.help(DATABASE_HELP_AS_FOR_SINK)))]
 pub struct ReportArgs {
-    /// The billing store (as for `tally sink`).
-    #[arg(
-        long,
-        env = "TALLY_SINK_DATABASE",
-        default_value = "sqlite:tally-billing.db"
-    )]
-    pub database: String,
+    /// The billing store (`--database`).
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Start, inclusive: a local date (`2026-03-01`), local time (`2026-03-01T06:00`)
     /// or an RFC 3339 instant.
     #[arg(long)]
@@ -463,7 +461,7 @@ pub fn build(location: &StoreLocation, request: &ReportRequest) -> Result<Report
         && !std::path::Path::new(path).exists()
     {
         return Err(SinkError::Setting {
-            field: "--database",
+            field: crate::args::DATABASE_FLAG,
             problem: format!("no SQLite store at {path}"),
         });
     }
@@ -601,7 +599,7 @@ mod tests {
 
     fn request(tz: &str, from: &str, to: &str, period: Period) -> ReportRequest {
         ReportRequest::from_args(&ReportArgs {
-            database: String::new(),
+            store: StoreArgs::new(""),
             from: from.to_owned(),
             to: to.to_owned(),
             tz: tz.to_owned(),
@@ -662,7 +660,7 @@ mod tests {
     #[test]
     fn bounds_off_the_quarter_hour_name_the_flag() {
         let error = ReportRequest::from_args(&ReportArgs {
-            database: String::new(),
+            store: StoreArgs::new(""),
             from: "2026-01-01T00:10:00Z".to_owned(),
             to: "2026-01-02".to_owned(),
             tz: "UTC".to_owned(),
@@ -677,7 +675,7 @@ mod tests {
     #[test]
     fn unknown_zone_names_the_flag() {
         let error = ReportRequest::from_args(&ReportArgs {
-            database: String::new(),
+            store: StoreArgs::new(""),
             from: "2026-01-01".to_owned(),
             to: "2026-01-02".to_owned(),
             tz: "Mars/Olympus".to_owned(),

@@ -26,6 +26,7 @@ use tally_core::config::{Config, SinkConfig};
 use tally_core::health::{Health, Phase};
 use tracing::{debug, error, info, warn};
 
+use crate::args::StoreArgs;
 use crate::error::{Retry, SinkError};
 use crate::metrics as m;
 use crate::rows::{Position, StoredRow};
@@ -43,15 +44,9 @@ const ASSIGN_LOAD_ATTEMPTS: u32 = 3;
 /// Flags of `tally sink`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SinkArgs {
-    /// The billing store: `postgres://…` / `postgresql://…` for PostgreSQL, or
-    /// `sqlite:PATH` (or a plain path) for SQLite. Prefer the environment variable
-    /// for connection strings with passwords.
-    #[arg(
-        long,
-        env = "TALLY_SINK_DATABASE",
-        default_value = "sqlite:tally-billing.db"
-    )]
-    pub database: String,
+    /// The billing store (`--database`).
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Consumer group of the sink instances (Kafka only balances partitions with it;
     /// offsets live in the store). Default: the config's `sink.group_id` (tally-sink).
     #[arg(long)]
@@ -108,7 +103,7 @@ impl SinkSettings {
     /// The config's `[sink]` section with the flags of `args` over it, validated;
     /// errors name the flag, or the config field when no flag was given.
     pub fn from_args(config: Config, args: &SinkArgs) -> Result<SinkSettings, SinkError> {
-        let location = StoreLocation::parse("--database", &args.database)?;
+        let location = args.store.location()?;
         let defaults = &config.sink;
         let sink = SinkConfig {
             group_id: args
@@ -829,7 +824,7 @@ mod tests {
 
     fn args(database: &str) -> SinkArgs {
         SinkArgs {
-            database: database.to_owned(),
+            store: StoreArgs::new(database),
             group_id: None,
             batch_max_rows: None,
             batch_max_age_ms: None,

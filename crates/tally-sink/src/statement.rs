@@ -36,23 +36,20 @@ use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use serde::Serialize;
 
+use crate::args::{DATABASE_HELP_AS_FOR_SINK, StoreArgs};
 use crate::db::{Db, Value};
 use crate::error::SinkError;
-use crate::store::StoreLocation;
 
 /// The amounts sentence every statement carries.
 pub const STATEMENT_NOTE: &str = "amounts are integer micro-units of the currency (1 unit = 1000000); a line's amount is the sum of per-row shares, each rounded half-even once when the row was priced; totals are the sums of the lines";
 
 /// Flags of `tally statement`.
 #[derive(Debug, Clone, clap::Args)]
+#[command(mut_arg("database", |arg| arg.help(DATABASE_HELP_AS_FOR_SINK)))]
 pub struct StatementArgs {
-    /// The billing store (as for `tally sink`).
-    #[arg(
-        long,
-        env = "TALLY_SINK_DATABASE",
-        default_value = "sqlite:tally-billing.db"
-    )]
-    pub database: String,
+    /// The billing store (`--database`).
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// The beneficiary partner (as named in the share rules).
     #[arg(long)]
     pub partner: String,
@@ -475,7 +472,7 @@ pub fn build(args: &StatementArgs) -> Result<Statement, SinkError> {
     })?;
     let bounds = month_bounds(&args.period, &tz)?;
     let as_of = args.as_of.as_deref().map(parse_coverage).transpose()?;
-    let location = StoreLocation::parse("--database", &args.database)?;
+    let location = args.store.location()?;
     let mut db = Db::open(&location, Duration::from_secs(30))?;
     db.begin_read()?;
     let read = read(&mut db, &args.partner, bounds);
