@@ -248,5 +248,16 @@ fn sqlite_store_equals_the_topic_in_one_uninterrupted_run() {
     let exit = wait_exit(&mut sink.child, RUN_TIMEOUT);
     assert!(exit.success(), "sink: {exit}");
     assert_store_matches_everything(&sqlite_snapshot(&path), fixture);
+    let foreign: i64 = rusqlite::Connection::open(&path)
+        .and_then(|db| {
+            db.query_row("SELECT count(*) FROM tally_foreign_row_ids", [], |row| {
+                row.get(0)
+            })
+        })
+        .expect("count foreign ids");
+    assert_eq!(
+        foreign, 0,
+        "every row the aggregator wrote has a derived id"
+    );
     eprintln!("sqlite happy path took {:?}", started.elapsed());
 }

@@ -175,6 +175,17 @@ impl SinkSoak {
         let (rows, distinct) = pg_row_and_id_counts(&self.url);
         assert_eq!(rows, distinct, "no id stored twice");
         assert_eq!(rows, records.len() as i64, "one stored row per topic row");
+        // Every row the aggregator wrote carries tally's identity of its content, so
+        // none took the store's slow path for foreign ids.
+        let foreign = query_i64s(
+            &self.url,
+            "SELECT count(*), count(DISTINCT id) FROM tally_foreign_row_ids",
+        );
+        assert_eq!(
+            foreign,
+            vec![(0, 0)],
+            "no foreign ids among the aggregator's rows"
+        );
         assert_rollups_equal_truth(&snapshot, truth);
         let money_began = Instant::now();
         assert_rollup_money_recomputed(&snapshot, contracts);

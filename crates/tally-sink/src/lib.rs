@@ -27,9 +27,10 @@
 //!   updated compare-and-set (`… WHERE next_offset = expected`, insert-if-absent for a
 //!   new partition), so its transaction fails at the first offset, writes nothing, and
 //!   the instance stops with [`SinkError::OffsetMismatch`].
-//! - **The same row again** (a replayed or re-read record): `INSERT … ON CONFLICT (id)
-//!   DO NOTHING`; the stored SHA-256 of the record's bytes equals the new one, so it is
-//!   a no-op and roll-ups, updated only from inserted rows, do not change.
+//! - **The same row again** (a replayed or re-read record): its key `(window_start_ms,
+//!   id)` exists (or, for a foreign id, the id scan finds it); the stored SHA-256 of the
+//!   record's bytes equals the new one, so it is a no-op and roll-ups, updated only
+//!   from inserted rows, do not change.
 //! - **The same id with other content** (a foreign producer): [`SinkError::Conflict`]
 //!   names the id, topic, partition and offset, `tally_sink_conflicts_total` counts
 //!   it, the transaction rolls back and the sink exits non-zero without advancing.

@@ -1,15 +1,18 @@
 //! PostgreSQL: batched writes on a private single-threaded runtime so the API blocks
 //! like SQLite's and can be called from the sink's Kafka thread.
 //!
-//! A batch's rows go in with binary `COPY` (the cheapest way into PostgreSQL: no SQL
-//! text, no array parameters, one stream) into a per-connection staging table,
-//! `tally_rows_staging` (a temporary table shaped like `tally_rows`, without indexes,
-//! emptied at every COMMIT), then `INSERT INTO tally_rows … SELECT … FROM
-//! tally_rows_staging ON CONFLICT (id) DO NOTHING RETURNING id` moves them into the
-//! store; COPY alone cannot skip existing ids. The ids not returned are compared
-//! with their stored digests (equal: a no-op; different: a conflict). Shares and the
-//! roll-up upserts are computed from the inserted rows only and sent as `unnest`
-//! arrays, one statement per table, roll-up lines in key order.
+//! A batch's new rows go in with binary `COPY` (the cheapest way into PostgreSQL: no
+//! SQL text, no array parameters, one stream) straight into `tally_rows`, inside a
+//! savepoint. COPY cannot skip an existing key: when one exists (a row written again)
+//! the COPY is rolled back to the savepoint and the rows go through a per-connection
+//! staging table, `tally_rows_staging` (temporary, shaped like `tally_rows`, without
+//! keys, emptied at COMMIT), with `INSERT … SELECT … ON CONFLICT (window_start_ms, id)
+//! DO NOTHING RETURNING id`. The rows not inserted are compared with their stored
+//! digests (equal: a no-op; different: a conflict). Shares go in with COPY; the
+//! roll-up lines of the inserted rows are copied into session staging tables and
+//! upserted from there, one statement per table, in key order. The id checks the key
+//! cannot do alone, and the table lock that makes them safe between concurrent sinks,
+//! are described in [`crate::schema`].
 //!
 //! Every round trip is bounded by the store's timeout; on a timeout or a broken
 //! connection the client is dropped and the next call reconnects. The transaction runs

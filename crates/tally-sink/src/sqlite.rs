@@ -8,13 +8,11 @@
 //! should own every partition of a file; a second one is fenced by the offset
 //! compare-and-set all the same.
 //!
-//! Throughput: one transaction per batch with cached prepared statements. Row ids are
-//! SHA-256 prefixes, so a batch's inserts land at random places in the id index; once
-//! the store holds millions of rows that index is far larger than SQLite's default
-//! 2 MiB page cache, so the writer keeps [`CACHE_SIZE_KIB`] of pages, inserts a batch's
-//! rows in id order (neighbouring ids share index pages) and checkpoints the WAL every
-//! [`WAL_AUTOCHECKPOINT_PAGES`] pages instead of every 1 000 (a batch dirties about
-//! one index page per row, and each checkpoint syncs the file).
+//! Throughput: one transaction per batch with cached prepared statements, rows in key
+//! order (`(window_start_ms, id)`, see [`crate::schema`]), so a batch's inserts share
+//! the pages at the end of the key's index. The writer keeps [`CACHE_SIZE_KIB`] of
+//! pages and checkpoints the WAL every [`WAL_AUTOCHECKPOINT_PAGES`] pages instead of
+//! every 1 000 (each checkpoint syncs the file).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
