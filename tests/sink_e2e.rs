@@ -259,5 +259,147 @@ fn sqlite_store_equals_the_topic_in_one_uninterrupted_run() {
         foreign, 0,
         "every row the aggregator wrote has a derived id"
     );
+    assert_statement_matches_contracts(&database, &sqlite_snapshot(&path));
     eprintln!("sqlite happy path took {:?}", started.elapsed());
+}
+
+/// `tally statement` over a generated run: for the beneficiary with the most rows, each
+/// CSV line (usage per channel, model, versions, currency and basis points;
+/// corrections per window and sequence) equals the sums the test computes from the
+/// stored rows' token sums and the contracts with its own arithmetic
+/// (tests/support/money.rs), and a re-run writes the same bytes.
+fn assert_statement_matches_contracts(database: &str, snapshot: &support::sink::Snapshot) {
+    use std::collections::BTreeMap;
+    use support::money::{civil_from_days, days_from_civil, format_utc_ms};
+
+    let contracts = TruthContracts::default_file();
+    // (beneficiary, line key) → (rows, gross, amount); keys as the CSV's first 9 cells.
+    let mut lines: BTreeMap<String, BTreeMap<Vec<String>, (i64, i64, i64)>> = BTreeMap::new();
+    let first_window = snapshot
+        .rows
+        .values()
+        .map(|(_, ints, _)| ints[0])
+        .min()
+        .expect("rows");
+    let (year, month, _) = civil_from_days(first_window.div_euclid(86_400_000));
+    let (next_year, next_month) = if month == 12 {
+        (year + 1, 1)
+    } else {
+        (year, month + 1)
+    };
+    let from = days_from_civil(year, month, 1) * 86_400_000;
+    let to = days_from_civil(next_year, next_month, 1) * 86_400_000;
+    for (_digest, ints, texts) in snapshot.rows.values() {
+        if ints[0] < from || ints[0] >= to {
+            continue;
+        }
+        let tokens = [ints[4], ints[5], ints[6], ints[7]]
+            .map(|value| u64::try_from(value).expect("non-negative tokens"));
+        let channel_partner = (texts[3] != "-").then_some(texts[3].as_str());
+        let expected = contracts
+            .expected(
+                &texts[1],
+                &texts[2],
+                channel_partner,
+                ints[0],
+                tokens,
+                texts[5] == "billable",
+            )
+            .expect("priced");
+        for (beneficiary, basis_points, amount) in &expected.shares {
+            let correction = ints[2] > 0;
+            let key = vec![
+                if correction { "correction" } else { "usage" }.to_owned(),
+                texts[2].clone(),
+                channel_partner.unwrap_or_default().to_owned(),
+                texts[1].clone(),
+                expected.price_book_version.clone(),
+                expected.share_rule_version.clone(),
+                if correction {
+                    format_utc_ms(ints[0])
+                } else {
+                    String::new()
+                },
+                ints[2].to_string(),
+                expected.currency.clone(),
+                basis_points.to_string(),
+            ];
+            let line = lines
+                .entry(beneficiary.clone())
+                .or_default()
+                .entry(key)
+                .or_default();
+            line.0 += 1;
+            line.1 += expected.gross_micros;
+            line.2 += amount;
+        }
+    }
+    let (partner, want) = lines
+        .iter()
+        .max_by_key(|(_, lines)| lines.values().map(|line| line.0).sum::<i64>())
+        .expect("a beneficiary with shares in the generated run");
+    let period = format!("{year:04}-{month:02}");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("quiet.toml");
+    std::fs::write(&config, "[metrics]\nlisten = \"\"\n").expect("config");
+    let run = |name: &str| {
+        let out = dir.path().join(name);
+        let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["statement", "--database", database, "--partner", partner])
+            .args([
+                "--period", &period, "--tz", "UTC", "--format", "csv", "--out",
+            ])
+            .arg(&out)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("run tally statement");
+        assert!(
+            output.status.success(),
+            "tally statement: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::fs::read(&out).expect("statement file")
+    };
+    let first = run("first.csv");
+    assert_eq!(run("again.csv"), first, "a re-run writes the same bytes");
+    let text = String::from_utf8(first).expect("utf-8");
+    let mut got: BTreeMap<Vec<String>, (i64, i64, i64)> = BTreeMap::new();
+    let mut totals: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
+    for line in text.lines().filter(|line| !line.starts_with('#')).skip(1) {
+        let cells: Vec<&str> = line.split(',').collect();
+        assert_eq!(cells.len(), 13, "{line}");
+        let number = |index: usize| -> i64 { cells[index].parse().expect(line) };
+        if cells[0] == "total" {
+            totals.insert(cells[8].to_owned(), (number(9), number(10), number(12)));
+            continue;
+        }
+        let mut key: Vec<String> = cells[..9].iter().map(|cell| (*cell).to_owned()).collect();
+        key.push(cells[11].to_owned());
+        assert!(
+            got.insert(key, (number(9), number(10), number(12)))
+                .is_none(),
+            "one line per key: {line}"
+        );
+    }
+    assert_eq!(&got, want, "statement lines for {partner} in {period}");
+    let mut want_totals: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
+    for (key, (rows, gross, amount)) in want {
+        let total = want_totals.entry(key[8].clone()).or_default();
+        total.0 += rows;
+        total.1 += gross;
+        total.2 += amount;
+    }
+    assert_eq!(
+        totals, want_totals,
+        "statement totals for {partner} in {period}"
+    );
+    let corrections = got.keys().filter(|key| key[0] == "correction").count();
+    assert!(corrections > 0, "the generated run has corrections: {text}");
+    eprintln!(
+        "statement for {partner} in {period}: {} lines ({corrections} corrections), \
+         totals {totals:?}; first lines:\n{}",
+        got.len(),
+        text.lines().take(7).collect::<Vec<_>>().join("\n")
+    );
 }
