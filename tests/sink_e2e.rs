@@ -260,6 +260,7 @@ fn sqlite_store_equals_the_topic_in_one_uninterrupted_run() {
         "every row the aggregator wrote has a derived id"
     );
     assert_statement_matches_contracts(&database, &sqlite_snapshot(&path));
+    assert_aws_export_matches_rows(&database, &sqlite_snapshot(&path));
     eprintln!("sqlite happy path took {:?}", started.elapsed());
 }
 
@@ -401,5 +402,202 @@ fn assert_statement_matches_contracts(database: &str, snapshot: &support::sink::
          totals {totals:?}; first lines:\n{}",
         got.len(),
         text.lines().take(7).collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// `tally export --marketplace aws` over a generated run: every AWS tenant of the run
+/// mapped to an account, output tokens per 1 000 and input tokens per 100 000 of every
+/// model as dimensions. The request files hold exactly the records the test computes
+/// from the stored rows with AWS's rules (one record per customer, dimension and hour
+/// with usage or units; whole units, the fraction carried to the next hour), no request
+/// holds more than 25 records, and a re-run writes byte-identical files (the hours
+/// are in the store's ledger: the same requests again, never new ones).
+fn assert_aws_export_matches_rows(database: &str, snapshot: &support::sink::Snapshot) {
+    use std::collections::{BTreeMap, BTreeSet};
+    use support::finance::{HOUR_MS, finance_config};
+    use support::money::format_utc_ms;
+    /// The liveness bound of `finance_config`: 60 s + 30 s + 10 s + 2 × 1 s.
+    const LIVENESS_MS: i64 = 102_000;
+    const MEASURES: [(&str, usize, i64); 2] = [("output_1k", 6, 1_000), ("input_100k", 4, 100_000)];
+
+    let aws_rows: Vec<&(String, Vec<i64>, Vec<String>)> = snapshot
+        .rows
+        .values()
+        .filter(|(_, _, texts)| texts[2] == "aws" && texts[5] == "billable")
+        .collect();
+    let tenants: BTreeSet<&str> = aws_rows
+        .iter()
+        .map(|(_, _, texts)| texts[0].as_str())
+        .collect();
+    let models: BTreeSet<&str> = aws_rows
+        .iter()
+        .map(|(_, _, texts)| texts[1].as_str())
+        .collect();
+    let account = |tenant: &str| {
+        let index = tenants
+            .iter()
+            .position(|known| *known == tenant)
+            .expect("tenant");
+        format!("{:012}", 100_000_000_000_u64 + index as u64)
+    };
+    let mut mapping = String::from("[aws]\nproduct_code = \"prod-gen\"\n[aws.customers]\n");
+    for tenant in &tenants {
+        mapping.push_str(&format!(
+            "\"{tenant}\" = {{ account_id = \"{}\" }}\n",
+            account(tenant)
+        ));
+    }
+    for model in &models {
+        for (suffix, column, unit) in MEASURES {
+            let measure = if column == 6 {
+                "output_tokens"
+            } else {
+                "input_tokens"
+            };
+            mapping.push_str(&format!(
+                "[[aws.dimensions]]\nmodel = \"{model}\"\nmeasure = \"{measure}\"\n\
+                 dimension = \"{model}_{suffix}\"\nunit_size = {unit}\n"
+            ));
+        }
+    }
+    // Measure per (account, dimension) and hour, from the stored rows.
+    let mut usage: BTreeMap<(String, String), BTreeMap<i64, i64>> = BTreeMap::new();
+    for (_, ints, texts) in &aws_rows {
+        for (suffix, column, _) in MEASURES {
+            *usage
+                .entry((account(&texts[0]), format!("{}_{suffix}", texts[1])))
+                .or_default()
+                .entry(ints[0].div_euclid(HOUR_MS) * HOUR_MS)
+                .or_default() += ints[column];
+        }
+    }
+    let unit_of = |dimension: &str| {
+        MEASURES
+            .iter()
+            .find(|(suffix, _, _)| dimension.ends_with(suffix))
+            .map(|(_, _, unit)| *unit)
+            .expect("unit")
+    };
+    let first_hour = usage
+        .values()
+        .filter_map(|hours| hours.keys().next().copied())
+        .min();
+    let last_hour = usage
+        .values()
+        .filter_map(|hours| hours.keys().last().copied())
+        .max();
+    let (Some(first_hour), Some(last_hour)) = (first_hour, last_hour) else {
+        panic!("the generated run has AWS usage");
+    };
+    // One run once every hour is past the liveness bound and within AWS's 6 h.
+    let now = last_hour + HOUR_MS + LIVENESS_MS + 60_000;
+    assert!(
+        now < first_hour + 6 * HOUR_MS,
+        "the run's hours fit AWS's deadline"
+    );
+    let mut want: BTreeMap<(String, String, i64), i64> = BTreeMap::new();
+    for ((customer, dimension), hours) in &usage {
+        let (mut through, mut exported) = (0_i64, 0_i64);
+        let mut hour = first_hour;
+        while hour <= last_hour {
+            let new = hours.get(&hour).copied().unwrap_or(0);
+            through += new;
+            let quantity = through / unit_of(dimension) - exported;
+            if new > 0 || quantity > 0 {
+                exported += quantity;
+                want.insert((customer.clone(), dimension.clone(), hour), quantity);
+            }
+            hour += HOUR_MS;
+        }
+    }
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mapping_path = dir.path().join("mapping.toml");
+    std::fs::write(&mapping_path, mapping).expect("mapping");
+    let config = finance_config(dir.path());
+    let run = |out: &str| {
+        let out = dir.path().join(out);
+        let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args([
+                "export",
+                "--database",
+                database,
+                "--marketplace",
+                "aws",
+                "--mapping",
+            ])
+            .arg(&mapping_path)
+            .arg("--out")
+            .arg(&out)
+            .args([
+                "--now",
+                &format_utc_ms(now),
+                "--skip-kafka-check",
+                "--config",
+            ])
+            .arg(&config)
+            .output()
+            .expect("run tally export");
+        assert!(
+            output.status.success(),
+            "tally export: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut got: BTreeMap<(String, String, i64), i64> = BTreeMap::new();
+        let mut bytes: BTreeMap<std::path::PathBuf, Vec<u8>> = BTreeMap::new();
+        let mut first_file = String::new();
+        let aws_dir = out.join("aws");
+        let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(&aws_dir)
+            .map(|entries| entries.map(|entry| entry.expect("entry").path()).collect())
+            .unwrap_or_default();
+        names.sort();
+        for path in names {
+            if path.extension().is_none_or(|ext| ext != "json")
+                || path.file_name().is_some_and(|name| name == "manifest.json")
+            {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("request file");
+            bytes.insert(
+                path.file_name().expect("name").into(),
+                text.clone().into_bytes(),
+            );
+            if first_file.is_empty() {
+                first_file = text.clone();
+            }
+            let body: serde_json::Value = serde_json::from_str(&text).expect("json");
+            assert_eq!(body["ProductCode"], "prod-gen");
+            let records = body["UsageRecords"].as_array().expect("records");
+            assert!(
+                !records.is_empty() && records.len() <= 25,
+                "{} records",
+                records.len()
+            );
+            for record in records {
+                let seconds = record["Timestamp"].as_i64().expect("epoch seconds");
+                assert_eq!(seconds % 3600, 0, "on the hour");
+                let quantity = record["Quantity"].as_i64().expect("an integer");
+                assert!((0..=2_147_483_647).contains(&quantity));
+                let key = (
+                    record["CustomerAWSAccountId"]
+                        .as_str()
+                        .expect("account")
+                        .to_owned(),
+                    record["Dimension"].as_str().expect("dimension").to_owned(),
+                    seconds * 1000,
+                );
+                assert!(got.insert(key, quantity).is_none(), "a record twice");
+            }
+        }
+        (got, bytes, first_file)
+    };
+    let (got, first_bytes, first_file) = run("first");
+    assert_eq!(got, want, "AWS records of the generated run");
+    let (_, again_bytes, _) = run("again");
+    assert_eq!(again_bytes, first_bytes, "a re-run writes the same files");
+    eprintln!(
+        "aws export of the generated run: {} records; first request file:\n{}",
+        got.len(),
+        first_file.lines().take(6).collect::<Vec<_>>().join("\n")
     );
 }
