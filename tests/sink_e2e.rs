@@ -275,7 +275,9 @@ fn assert_statement_matches_contracts(database: &str, snapshot: &support::sink::
 
     let contracts = TruthContracts::default_file();
     // (beneficiary, line key) → (rows, gross, amount); keys as the CSV's first 9 cells.
-    let mut lines: BTreeMap<String, BTreeMap<Vec<String>, (i64, i64, i64)>> = BTreeMap::new();
+    /// A statement's lines: key cells → (rows, gross, amount).
+    type Lines = BTreeMap<Vec<String>, (i64, i64, i64)>;
+    let mut lines: BTreeMap<String, Lines> = BTreeMap::new();
     let first_window = snapshot
         .rows
         .values()
