@@ -401,9 +401,20 @@ fn assert_statement_matches_contracts(database: &str, snapshot: &support::sink::
     assert!(corrections > 0, "the generated run has corrections: {text}");
     eprintln!(
         "statement for {partner} in {period}: {} lines ({corrections} corrections), \
-         totals {totals:?}; first lines:\n{}",
+         totals {totals:?}; first and last lines:\n{}",
         got.len(),
-        text.lines().take(7).collect::<Vec<_>>().join("\n")
+        text.lines()
+            .take(7)
+            .chain(
+                text.lines()
+                    .rev()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+            )
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
@@ -600,6 +611,6 @@ fn assert_aws_export_matches_rows(database: &str, snapshot: &support::sink::Snap
     eprintln!(
         "aws export of the generated run: {} records; first request file:\n{}",
         got.len(),
-        first_file.lines().take(6).collect::<Vec<_>>().join("\n")
+        first_file.lines().take(16).collect::<Vec<_>>().join("\n")
     );
 }
