@@ -12,7 +12,7 @@
 //! Preloaded ids are 32 hex digits spread evenly over the id space, in windows weeks
 //! before the measured ones (they stand for the derived rows of earlier traffic; the
 //! preload writes no foreign ids); the measured rows carry the aggregator's identity
-//! ([`tally_core::identity::row_id`]), so they are derived rows, keyed by window first
+//! ([`tally_core::identity::row_id_of`]), so they are derived rows, keyed by window first
 //! like every row since the store's migration 3.
 //!
 //! Each iteration writes one batch of `TALLY_BENCH_BATCH_ROWS` (default 20 000, the
@@ -40,8 +40,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tally_core::aggregate::{BillingAggregate, Dims, PartnerShare, RowKind};
 use tally_core::codec::encode_aggregate;
 use tally_core::event::{Cloud, TokenCounts};
-use tally_core::identity::{RowIdentity, row_id};
-use tally_core::window::Window;
+use tally_core::identity::row_id_of;
 use tally_sink::rows::{Position, StoredRow};
 use tally_sink::{Batch, OffsetAdvance, Store, StoreLocation};
 
@@ -111,19 +110,7 @@ fn row(index: i64) -> BillingAggregate {
         last_event_time_ms: window_start_ms + 59_000,
     };
     // The aggregator's identity of the row, as every row it writes carries.
-    row.id = row_id(&RowIdentity {
-        source_topic: &row.source_topic,
-        source_partition: row.source_partition,
-        window: Window {
-            start_ms: row.window_start_ms,
-            end_ms: row.window_end_ms,
-        },
-        dims: &row.dims,
-        price_book_version: &row.price_book_version,
-        share_rule_version: &row.share_rule_version,
-        row_kind: row.row_kind,
-        correction_seq: row.correction_seq,
-    });
+    row.id = row_id_of(&row);
     row
 }
 

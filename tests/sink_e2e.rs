@@ -32,7 +32,9 @@ use support::sink::{
     pg_row_count, pg_snapshot, sink_config, sqlite_row_count, sqlite_snapshot, wait_exit,
     wait_for_rows,
 };
-use support::sink_soak::{assert_rollup_money_recomputed, assert_rollups_equal_truth};
+use support::sink_soak::{
+    assert_rollup_money_recomputed, assert_rollups_equal_truth, stored_row_expected,
+};
 
 /// The aggregated input every load test reads.
 struct Fixture {
@@ -296,19 +298,8 @@ fn assert_statement_matches_contracts(database: &str, snapshot: &support::sink::
         if ints[0] < from || ints[0] >= to {
             continue;
         }
-        let tokens = [ints[4], ints[5], ints[6], ints[7]]
-            .map(|value| u64::try_from(value).expect("non-negative tokens"));
         let channel_partner = (texts[3] != "-").then_some(texts[3].as_str());
-        let expected = contracts
-            .expected(
-                &texts[1],
-                &texts[2],
-                channel_partner,
-                ints[0],
-                tokens,
-                texts[5] == "billable",
-            )
-            .expect("priced");
+        let expected = stored_row_expected(&contracts, ints, texts).expect("priced");
         for (beneficiary, basis_points, amount) in &expected.shares {
             let correction = ints[2] > 0;
             let key = vec![

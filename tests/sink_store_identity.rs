@@ -18,8 +18,7 @@ use std::time::Duration;
 use tally_core::aggregate::{BillingAggregate, Dims, PartnerShare, RowKind};
 use tally_core::codec::encode_aggregate;
 use tally_core::event::{Cloud, TokenCounts};
-use tally_core::identity::{RowIdentity, row_id};
-use tally_core::window::Window;
+use tally_core::identity::row_id_of;
 use tally_sink::rows::{Position, StoredRow, digest_hex};
 use tally_sink::{Batch, BatchOutcome, OffsetAdvance, SinkError, Store, StoreLocation};
 
@@ -69,26 +68,9 @@ fn content(tenant: &str, minute: i64, gross: i64) -> BillingAggregate {
     }
 }
 
-/// tally's identity of `row`'s content (what the aggregator puts in `id`).
-fn identity_of(row: &BillingAggregate) -> String {
-    row_id(&RowIdentity {
-        source_topic: &row.source_topic,
-        source_partition: row.source_partition,
-        window: Window {
-            start_ms: row.window_start_ms,
-            end_ms: row.window_end_ms,
-        },
-        dims: &row.dims,
-        price_book_version: &row.price_book_version,
-        share_rule_version: &row.share_rule_version,
-        row_kind: row.row_kind,
-        correction_seq: row.correction_seq,
-    })
-}
-
 fn derived(tenant: &str, minute: i64, gross: i64) -> BillingAggregate {
     let mut row = content(tenant, minute, gross);
-    row.id = identity_of(&row);
+    row.id = row_id_of(&row);
     row
 }
 

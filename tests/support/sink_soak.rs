@@ -529,6 +529,26 @@ pub fn assert_rollups_equal_truth(snapshot: &super::sink::Snapshot, truth: &Grou
     }
 }
 
+/// The amounts the contracts give a stored row (a [`super::sink::Snapshot`] row's
+/// `ints` and `texts`), by the tests' own arithmetic ([`TruthContracts::expected`]).
+pub fn stored_row_expected(
+    contracts: &TruthContracts,
+    ints: &[i64],
+    texts: &[String],
+) -> Result<super::money::ExpectedAmounts, String> {
+    let tokens = [ints[4], ints[5], ints[6], ints[7]]
+        .map(|value| u64::try_from(value).expect("non-negative tokens"));
+    let channel_partner = (texts[3] != "-").then_some(texts[3].as_str());
+    contracts.expected(
+        &texts[1],
+        &texts[2],
+        channel_partner,
+        ints[0],
+        tokens,
+        texts[5] == "billable",
+    )
+}
+
 /// Each stored row's money recomputed from its tokens and the contracts, summed per
 /// roll-up line (gross, net) and per share line, equals the store's roll-ups.
 pub fn assert_rollup_money_recomputed(
@@ -538,18 +558,8 @@ pub fn assert_rollup_money_recomputed(
     let mut money: BTreeMap<Vec<String>, (i64, i64)> = BTreeMap::new();
     let mut shares: BTreeMap<Vec<String>, i64> = BTreeMap::new();
     for (id, (_digest, ints, texts)) in &snapshot.rows {
-        let tokens = [ints[4], ints[5], ints[6], ints[7]]
-            .map(|value| u64::try_from(value).expect("non-negative tokens"));
         let channel_partner = (texts[3] != "-").then_some(texts[3].as_str());
-        let expected = contracts
-            .expected(
-                &texts[1],
-                &texts[2],
-                channel_partner,
-                ints[0],
-                tokens,
-                texts[5] == "billable",
-            )
+        let expected = stored_row_expected(contracts, ints, texts)
             .unwrap_or_else(|problem| panic!("row {id}: {problem}"));
         let bucket = ints[0] - ints[0] % 900_000;
         let key = vec![

@@ -17,7 +17,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::aggregate::{Dims, RowKind};
+use crate::aggregate::{BillingAggregate, Dims, RowKind};
 use crate::window::Window;
 
 /// Everything that names one row.
@@ -63,6 +63,24 @@ pub fn row_id(identity: &RowIdentity<'_>) -> String {
     hasher.update(identity.correction_seq.to_be_bytes());
     let digest = hasher.finalize();
     hex::encode(&digest[..ROW_ID_BYTES])
+}
+
+/// The id that `row`'s own naming fields give ([`row_id`] of its identity): what the
+/// aggregator puts in `row.id`.
+pub fn row_id_of(row: &BillingAggregate) -> String {
+    row_id(&RowIdentity {
+        source_topic: &row.source_topic,
+        source_partition: row.source_partition,
+        window: Window {
+            start_ms: row.window_start_ms,
+            end_ms: row.window_end_ms,
+        },
+        dims: &row.dims,
+        price_book_version: &row.price_book_version,
+        share_rule_version: &row.share_rule_version,
+        row_kind: row.row_kind,
+        correction_seq: row.correction_seq,
+    })
 }
 
 fn write_str(hasher: &mut Sha256, text: &str) {

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};
 use tracing::debug;
 
@@ -641,6 +641,20 @@ const KEY_COPY_TYPES: [Type; 8] = [
     Type::TEXT,
 ];
 
+/// A roll-up key's values in [`ROLLUP_KEY`] order, typed as [`KEY_COPY_TYPES`].
+fn key_values(key: &RollupKey) -> [&(dyn ToSql + Sync); 8] {
+    [
+        &key.bucket_start_ms,
+        &key.tenant_id,
+        &key.model,
+        &key.cloud,
+        &key.channel_partner,
+        &key.region,
+        &key.row_kind,
+        &key.currency,
+    ]
+}
+
 /// Adds `delta` to both roll-up tables: binary COPY of the lines into the session's
 /// staging tables, then one upsert each, in key order.
 async fn upsert_rollups(
@@ -667,26 +681,20 @@ async fn upsert_rollups(
         let writer = BinaryCopyInWriter::new(sink, &types);
         let mut writer = std::pin::pin!(writer);
         for (key, sums) in &delta.lines {
+            let mut values = key_values(key).to_vec();
+            values.extend::<[&(dyn ToSql + Sync); 8]>([
+                &sums.rows,
+                &sums.event_count,
+                &sums.input_tokens,
+                &sums.cached_input_tokens,
+                &sums.output_tokens,
+                &sums.reasoning_tokens,
+                &sums.gross_micros,
+                &sums.net_micros,
+            ]);
             writer
                 .as_mut()
-                .write(&[
-                    &key.bucket_start_ms,
-                    &key.tenant_id,
-                    &key.model,
-                    &key.cloud,
-                    &key.channel_partner,
-                    &key.region,
-                    &key.row_kind,
-                    &key.currency,
-                    &sums.rows,
-                    &sums.event_count,
-                    &sums.input_tokens,
-                    &sums.cached_input_tokens,
-                    &sums.output_tokens,
-                    &sums.reasoning_tokens,
-                    &sums.gross_micros,
-                    &sums.net_micros,
-                ])
+                .write(&values)
                 .await
                 .map_err(pg("copy roll-ups"))?;
         }
@@ -724,20 +732,11 @@ async fn upsert_rollups(
         let mut writer = std::pin::pin!(writer);
         for (share_key, amount) in &delta.shares {
             let key = &share_key.rollup;
+            let mut values = key_values(key).to_vec();
+            values.extend::<[&(dyn ToSql + Sync); 2]>([&share_key.beneficiary, amount]);
             writer
                 .as_mut()
-                .write(&[
-                    &key.bucket_start_ms,
-                    &key.tenant_id,
-                    &key.model,
-                    &key.cloud,
-                    &key.channel_partner,
-                    &key.region,
-                    &key.row_kind,
-                    &key.currency,
-                    &share_key.beneficiary,
-                    amount,
-                ])
+                .write(&values)
                 .await
                 .map_err(pg("copy share roll-ups"))?;
         }

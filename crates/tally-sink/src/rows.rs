@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use sha2::{Digest, Sha256};
 use tally_core::aggregate::{BillingAggregate, Dims, RowKind};
 use tally_core::event::Cloud;
-use tally_core::identity::{ROW_ID_BYTES, RowIdentity, row_id};
+use tally_core::identity::{ROW_ID_BYTES, RowIdentity, row_id, row_id_of};
 use tally_core::window::Window;
 
 use crate::error::SinkError;
@@ -57,24 +57,11 @@ impl StoredRow {
 }
 
 /// Whether `row.id` is tally's identity of the row's own content
-/// ([`tally_core::identity::row_id`]): true for every row the aggregator or a replay
+/// ([`tally_core::identity::row_id_of`]): true for every row the aggregator or a replay
 /// writes, false for a row another producer made up. See [`crate::schema`] for what
 /// the store does with the difference.
 pub fn id_is_derived(row: &BillingAggregate) -> bool {
-    let identity = RowIdentity {
-        source_topic: &row.source_topic,
-        source_partition: row.source_partition,
-        window: Window {
-            start_ms: row.window_start_ms,
-            end_ms: row.window_end_ms,
-        },
-        dims: &row.dims,
-        price_book_version: &row.price_book_version,
-        share_rule_version: &row.share_rule_version,
-        row_kind: row.row_kind,
-        correction_seq: row.correction_seq,
-    };
-    row.id.len() == 2 * ROW_ID_BYTES && row.id == row_id(&identity)
+    row.id.len() == 2 * ROW_ID_BYTES && row.id == row_id_of(row)
 }
 
 /// The columns of a stored row that its identity is computed from, in the order of
