@@ -11,6 +11,10 @@
 //! share roll-ups equal the sums the test computes from the decoded records, the
 //! generator's token truth per bucket and dims, and money recomputed from each row's
 //! tokens and the contracts (tests/support/money.rs).
+//!
+//! The SQLite load then also checks what finance reads from that store against the
+//! test's own arithmetic over the stored rows: `tally statement`, and `tally export`
+//! for AWS (one run), Azure and GCP (hour by hour, each with its own rules).
 
 mod support;
 
@@ -263,6 +267,8 @@ fn sqlite_store_equals_the_topic_in_one_uninterrupted_run() {
     );
     assert_statement_matches_contracts(&database, &sqlite_snapshot(&path));
     assert_aws_export_matches_rows(&database, &sqlite_snapshot(&path));
+    assert_hourly_export_matches_rows(&database, &sqlite_snapshot(&path), HourlyMarket::Azure);
+    assert_hourly_export_matches_rows(&database, &sqlite_snapshot(&path), HourlyMarket::Gcp);
     eprintln!("sqlite happy path took {:?}", started.elapsed());
 }
 
@@ -603,5 +609,252 @@ fn assert_aws_export_matches_rows(database: &str, snapshot: &support::sink::Snap
         "aws export of the generated run: {} records; first request file:\n{}",
         got.len(),
         first_file.lines().take(16).collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// The two marketplaces exported hour by hour over the generated run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HourlyMarket {
+    Azure,
+    Gcp,
+}
+
+/// `tally export --marketplace azure|gcp` over a generated run, hour by hour as each
+/// hour passes the liveness bound (GCP takes an hour only until two hours after its
+/// start): every tenant of the market's cloud mapped to a customer, output tokens per
+/// 1 000 and input tokens per 100 000 of every model as dimensions. The request files
+/// hold exactly the records the test computes from the stored rows with the market's
+/// rules (whole units, the fraction carried; Azure sends positive quantities only; GCP
+/// reports a consumer's metric every hour once it reported it, 0 included), no request
+/// holds more than 25 records, and a re-run writes byte-identical files.
+fn assert_hourly_export_matches_rows(
+    database: &str,
+    snapshot: &support::sink::Snapshot,
+    market: HourlyMarket,
+) {
+    use std::collections::{BTreeMap, BTreeSet};
+    use support::finance::{HOUR_MS, finance_config};
+    use support::money::{format_utc_ms, parse_utc_ms};
+    /// The liveness bound of `finance_config`: 60 s + 30 s + 10 s + 2 × 1 s.
+    const LIVENESS_MS: i64 = 102_000;
+    const MEASURES: [(&str, usize, i64); 2] = [("output_1k", 6, 1_000), ("input_100k", 4, 100_000)];
+    let name = match market {
+        HourlyMarket::Azure => "azure",
+        HourlyMarket::Gcp => "gcp",
+    };
+
+    let rows: Vec<&(String, Vec<i64>, Vec<String>)> = snapshot
+        .rows
+        .values()
+        .filter(|(_, _, texts)| texts[2] == name && texts[5] == "billable")
+        .collect();
+    let tenants: BTreeSet<&str> = rows.iter().map(|(_, _, texts)| texts[0].as_str()).collect();
+    let models: BTreeSet<&str> = rows.iter().map(|(_, _, texts)| texts[1].as_str()).collect();
+    let customer = |tenant: &str| {
+        let index = tenants
+            .iter()
+            .position(|known| *known == tenant)
+            .expect("tenant");
+        match market {
+            HourlyMarket::Azure => format!("res-{index}"),
+            HourlyMarket::Gcp => format!("project:p{index}"),
+        }
+    };
+    let mut mapping = match market {
+        HourlyMarket::Azure => String::from("[azure]\n[azure.customers]\n"),
+        HourlyMarket::Gcp => String::from(
+            "[gcp]\nservice_name = \"atlas.endpoints.gen.cloud.goog\"\n[gcp.customers]\n",
+        ),
+    };
+    for tenant in &tenants {
+        let entry = match market {
+            HourlyMarket::Azure => {
+                format!("resource_id = \"{}\", plan_id = \"gold\"", customer(tenant))
+            }
+            HourlyMarket::Gcp => format!("consumer_id = \"{}\"", customer(tenant)),
+        };
+        mapping.push_str(&format!("\"{tenant}\" = {{ {entry} }}\n"));
+    }
+    for model in &models {
+        for (suffix, column, unit) in MEASURES {
+            let measure = if column == 6 {
+                "output_tokens"
+            } else {
+                "input_tokens"
+            };
+            mapping.push_str(&format!(
+                "[[{name}.dimensions]]\nmodel = \"{model}\"\nmeasure = \"{measure}\"\n\
+                 dimension = \"{model}_{suffix}\"\nunit_size = {unit}\n"
+            ));
+        }
+    }
+    // Measure per (customer, dimension) and hour, from the stored rows.
+    let mut usage: BTreeMap<(String, String), BTreeMap<i64, i64>> = BTreeMap::new();
+    for (_, ints, texts) in &rows {
+        for (suffix, column, _) in MEASURES {
+            *usage
+                .entry((customer(&texts[0]), format!("{}_{suffix}", texts[1])))
+                .or_default()
+                .entry(ints[0].div_euclid(HOUR_MS) * HOUR_MS)
+                .or_default() += ints[column];
+        }
+    }
+    let unit_of = |dimension: &str| {
+        MEASURES
+            .iter()
+            .find(|(suffix, _, _)| dimension.ends_with(suffix))
+            .map(|(_, _, unit)| *unit)
+            .expect("unit")
+    };
+    let first_hour = usage
+        .values()
+        .filter_map(|hours| hours.keys().next().copied())
+        .min();
+    let last_hour = usage
+        .values()
+        .filter_map(|hours| hours.keys().last().copied())
+        .max();
+    let (Some(first_hour), Some(last_hour)) = (first_hour, last_hour) else {
+        panic!("the generated run has {name} usage");
+    };
+    let mut want: BTreeMap<(String, String, i64), i64> = BTreeMap::new();
+    for ((customer, dimension), hours) in &usage {
+        let (mut through, mut exported, mut reported) = (0_i64, 0_i64, false);
+        let mut hour = first_hour;
+        while hour <= last_hour {
+            let new = hours.get(&hour).copied().unwrap_or(0);
+            through += new;
+            let quantity = through / unit_of(dimension) - exported;
+            let emit = match market {
+                HourlyMarket::Azure => quantity > 0,
+                HourlyMarket::Gcp => new > 0 || quantity > 0 || reported,
+            };
+            if emit {
+                exported += quantity;
+                reported = true;
+                want.insert((customer.clone(), dimension.clone(), hour), quantity);
+            }
+            hour += HOUR_MS;
+        }
+    }
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mapping_path = dir.path().join("mapping.toml");
+    std::fs::write(&mapping_path, mapping).expect("mapping");
+    let config = finance_config(dir.path());
+    let export = |out: &std::path::Path, now: i64| {
+        let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["export", "--database", database, "--marketplace", name])
+            .arg("--mapping")
+            .arg(&mapping_path)
+            .arg("--out")
+            .arg(out)
+            .args([
+                "--now",
+                &format_utc_ms(now),
+                "--skip-kafka-check",
+                "--config",
+            ])
+            .arg(&config)
+            .output()
+            .expect("run tally export");
+        assert!(
+            output.status.success(),
+            "tally export: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let hour_of = |text: &str| {
+        assert!(text.ends_with(":00:00Z"), "{text} is on the hour");
+        parse_utc_ms(text).expect("an RFC 3339 hour")
+    };
+    // (customer, dimension, hour) → quantity of every request file; name → bytes.
+    let read = |out: &std::path::Path| {
+        let mut got: BTreeMap<(String, String, i64), i64> = BTreeMap::new();
+        let mut bytes: BTreeMap<std::path::PathBuf, Vec<u8>> = BTreeMap::new();
+        let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(out.join(name))
+            .map(|entries| entries.map(|entry| entry.expect("entry").path()).collect())
+            .unwrap_or_default();
+        names.sort();
+        for path in names {
+            if path.extension().is_none_or(|ext| ext != "json")
+                || path.file_name().is_some_and(|file| file == "manifest.json")
+            {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("request file");
+            bytes.insert(
+                path.file_name().expect("name").into(),
+                text.clone().into_bytes(),
+            );
+            let body: serde_json::Value = serde_json::from_str(&text).expect("json");
+            let list = match market {
+                HourlyMarket::Azure => body["request"].as_array().expect("events").clone(),
+                HourlyMarket::Gcp => body["operations"].as_array().expect("operations").clone(),
+            };
+            assert!(
+                !list.is_empty() && list.len() <= 25,
+                "{} records",
+                list.len()
+            );
+            for record in list {
+                let (key, quantity) = match market {
+                    HourlyMarket::Azure => {
+                        assert_eq!(record["planId"], "gold");
+                        let quantity = record["quantity"].as_i64().expect("an integer");
+                        assert!(quantity > 0, "azure quantities are positive");
+                        (
+                            (
+                                record["resourceId"].as_str().expect("resource").to_owned(),
+                                record["dimension"].as_str().expect("dimension").to_owned(),
+                                hour_of(record["effectiveStartTime"].as_str().expect("start")),
+                            ),
+                            quantity,
+                        )
+                    }
+                    HourlyMarket::Gcp => {
+                        let start = hour_of(record["startTime"].as_str().expect("start"));
+                        let end = hour_of(record["endTime"].as_str().expect("end"));
+                        assert_eq!(end - start, HOUR_MS, "one hour per operation");
+                        let set = &record["metricValueSets"][0];
+                        let quantity: i64 = set["metricValues"][0]["int64Value"]
+                            .as_str()
+                            .expect("int64Value is a JSON string")
+                            .parse()
+                            .expect("an int64");
+                        assert!(quantity >= 0);
+                        (
+                            (
+                                record["consumerId"].as_str().expect("consumer").to_owned(),
+                                set["metricName"].as_str().expect("metric").to_owned(),
+                                start,
+                            ),
+                            quantity,
+                        )
+                    }
+                };
+                assert!(got.insert(key, quantity).is_none(), "a record twice");
+            }
+        }
+        (got, bytes)
+    };
+    let out = dir.path().join("hourly");
+    let mut now = first_hour;
+    let mut hour = first_hour;
+    while hour <= last_hour {
+        now = hour + HOUR_MS + LIVENESS_MS;
+        export(&out, now);
+        hour += HOUR_MS;
+    }
+    let (got, first_bytes) = read(&out);
+    assert_eq!(got, want, "{name} records of the generated run");
+    let again = dir.path().join("again");
+    export(&again, now);
+    let (_, again_bytes) = read(&again);
+    assert_eq!(again_bytes, first_bytes, "a re-run writes the same files");
+    eprintln!(
+        "{name} export of the generated run: {} records over {} hours",
+        got.len(),
+        (last_hour - first_hour) / HOUR_MS + 1
     );
 }
