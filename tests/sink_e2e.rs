@@ -14,7 +14,7 @@
 //!
 //! The SQLite load then also checks what finance reads from that store against the
 //! test's own arithmetic over the stored rows: `tally statement`, and `tally export`
-//! for AWS (one run), Azure and GCP (hour by hour, each with its own rules).
+//! for AWS, Azure and GCP (hour by hour, each with its own rules).
 
 mod support;
 
@@ -266,9 +266,9 @@ fn sqlite_store_equals_the_topic_in_one_uninterrupted_run() {
         "every row the aggregator wrote has a derived id"
     );
     assert_statement_matches_contracts(&database, &sqlite_snapshot(&path));
-    assert_aws_export_matches_rows(&database, &sqlite_snapshot(&path));
-    assert_hourly_export_matches_rows(&database, &sqlite_snapshot(&path), HourlyMarket::Azure);
-    assert_hourly_export_matches_rows(&database, &sqlite_snapshot(&path), HourlyMarket::Gcp);
+    for market in [Market::Aws, Market::Azure, Market::Gcp] {
+        assert_export_matches_rows(&database, &sqlite_snapshot(&path), market);
+    }
     eprintln!("sqlite happy path took {:?}", started.elapsed());
 }
 
@@ -415,223 +415,25 @@ fn assert_statement_matches_contracts(database: &str, snapshot: &support::sink::
     );
 }
 
-/// `tally export --marketplace aws` over a generated run: every AWS tenant of the run
-/// mapped to an account, output tokens per 1 000 and input tokens per 100 000 of every
-/// model as dimensions. The request files hold exactly the records the test computes
-/// from the stored rows with AWS's rules (one record per customer, dimension and hour
-/// with usage or units; whole units, the fraction carried to the next hour), no request
-/// holds more than 25 records, and a re-run writes byte-identical files (the hours
-/// are in the store's ledger: the same requests again, never new ones).
-fn assert_aws_export_matches_rows(database: &str, snapshot: &support::sink::Snapshot) {
-    use std::collections::{BTreeMap, BTreeSet};
-    use support::finance::{HOUR_MS, finance_config};
-    use support::money::format_utc_ms;
-    /// The liveness bound of `finance_config`: 60 s + 30 s + 10 s + 2 × 1 s.
-    const LIVENESS_MS: i64 = 102_000;
-    const MEASURES: [(&str, usize, i64); 2] = [("output_1k", 6, 1_000), ("input_100k", 4, 100_000)];
-
-    let aws_rows: Vec<&(String, Vec<i64>, Vec<String>)> = snapshot
-        .rows
-        .values()
-        .filter(|(_, _, texts)| texts[2] == "aws" && texts[5] == "billable")
-        .collect();
-    let tenants: BTreeSet<&str> = aws_rows
-        .iter()
-        .map(|(_, _, texts)| texts[0].as_str())
-        .collect();
-    let models: BTreeSet<&str> = aws_rows
-        .iter()
-        .map(|(_, _, texts)| texts[1].as_str())
-        .collect();
-    let account = |tenant: &str| {
-        let index = tenants
-            .iter()
-            .position(|known| *known == tenant)
-            .expect("tenant");
-        format!("{:012}", 100_000_000_000_u64 + index as u64)
-    };
-    let mut mapping = String::from("[aws]\nproduct_code = \"prod-gen\"\n[aws.customers]\n");
-    for tenant in &tenants {
-        mapping.push_str(&format!(
-            "\"{tenant}\" = {{ account_id = \"{}\" }}\n",
-            account(tenant)
-        ));
-    }
-    for model in &models {
-        for (suffix, column, unit) in MEASURES {
-            let measure = if column == 6 {
-                "output_tokens"
-            } else {
-                "input_tokens"
-            };
-            mapping.push_str(&format!(
-                "[[aws.dimensions]]\nmodel = \"{model}\"\nmeasure = \"{measure}\"\n\
-                 dimension = \"{model}_{suffix}\"\nunit_size = {unit}\n"
-            ));
-        }
-    }
-    // Measure per (account, dimension) and hour, from the stored rows.
-    let mut usage: BTreeMap<(String, String), BTreeMap<i64, i64>> = BTreeMap::new();
-    for (_, ints, texts) in &aws_rows {
-        for (suffix, column, _) in MEASURES {
-            *usage
-                .entry((account(&texts[0]), format!("{}_{suffix}", texts[1])))
-                .or_default()
-                .entry(ints[0].div_euclid(HOUR_MS) * HOUR_MS)
-                .or_default() += ints[column];
-        }
-    }
-    let unit_of = |dimension: &str| {
-        MEASURES
-            .iter()
-            .find(|(suffix, _, _)| dimension.ends_with(suffix))
-            .map(|(_, _, unit)| *unit)
-            .expect("unit")
-    };
-    let first_hour = usage
-        .values()
-        .filter_map(|hours| hours.keys().next().copied())
-        .min();
-    let last_hour = usage
-        .values()
-        .filter_map(|hours| hours.keys().last().copied())
-        .max();
-    let (Some(first_hour), Some(last_hour)) = (first_hour, last_hour) else {
-        panic!("the generated run has AWS usage");
-    };
-    // One run once every hour is past the liveness bound and within AWS's 6 h.
-    let now = last_hour + HOUR_MS + LIVENESS_MS + 60_000;
-    assert!(
-        now < first_hour + 6 * HOUR_MS,
-        "the run's hours fit AWS's deadline"
-    );
-    let mut want: BTreeMap<(String, String, i64), i64> = BTreeMap::new();
-    for ((customer, dimension), hours) in &usage {
-        let (mut through, mut exported) = (0_i64, 0_i64);
-        let mut hour = first_hour;
-        while hour <= last_hour {
-            let new = hours.get(&hour).copied().unwrap_or(0);
-            through += new;
-            let quantity = through / unit_of(dimension) - exported;
-            if new > 0 || quantity > 0 {
-                exported += quantity;
-                want.insert((customer.clone(), dimension.clone(), hour), quantity);
-            }
-            hour += HOUR_MS;
-        }
-    }
-
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mapping_path = dir.path().join("mapping.toml");
-    std::fs::write(&mapping_path, mapping).expect("mapping");
-    let config = finance_config(dir.path());
-    let run = |out: &str| {
-        let out = dir.path().join(out);
-        let output = Command::new(env!("CARGO_BIN_EXE_tally"))
-            .args([
-                "export",
-                "--database",
-                database,
-                "--marketplace",
-                "aws",
-                "--mapping",
-            ])
-            .arg(&mapping_path)
-            .arg("--out")
-            .arg(&out)
-            .args([
-                "--now",
-                &format_utc_ms(now),
-                "--skip-kafka-check",
-                "--config",
-            ])
-            .arg(&config)
-            .output()
-            .expect("run tally export");
-        assert!(
-            output.status.success(),
-            "tally export: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let mut got: BTreeMap<(String, String, i64), i64> = BTreeMap::new();
-        let mut bytes: BTreeMap<std::path::PathBuf, Vec<u8>> = BTreeMap::new();
-        let mut first_file = String::new();
-        let aws_dir = out.join("aws");
-        let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(&aws_dir)
-            .map(|entries| entries.map(|entry| entry.expect("entry").path()).collect())
-            .unwrap_or_default();
-        names.sort();
-        for path in names {
-            if path.extension().is_none_or(|ext| ext != "json")
-                || path.file_name().is_some_and(|name| name == "manifest.json")
-            {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).expect("request file");
-            bytes.insert(
-                path.file_name().expect("name").into(),
-                text.clone().into_bytes(),
-            );
-            if first_file.is_empty() {
-                first_file = text.clone();
-            }
-            let body: serde_json::Value = serde_json::from_str(&text).expect("json");
-            assert_eq!(body["ProductCode"], "prod-gen");
-            let records = body["UsageRecords"].as_array().expect("records");
-            assert!(
-                !records.is_empty() && records.len() <= 25,
-                "{} records",
-                records.len()
-            );
-            for record in records {
-                let seconds = record["Timestamp"].as_i64().expect("epoch seconds");
-                assert_eq!(seconds % 3600, 0, "on the hour");
-                let quantity = record["Quantity"].as_i64().expect("an integer");
-                assert!((0..=2_147_483_647).contains(&quantity));
-                let key = (
-                    record["CustomerAWSAccountId"]
-                        .as_str()
-                        .expect("account")
-                        .to_owned(),
-                    record["Dimension"].as_str().expect("dimension").to_owned(),
-                    seconds * 1000,
-                );
-                assert!(got.insert(key, quantity).is_none(), "a record twice");
-            }
-        }
-        (got, bytes, first_file)
-    };
-    let (got, first_bytes, first_file) = run("first");
-    assert_eq!(got, want, "AWS records of the generated run");
-    let (_, again_bytes, _) = run("again");
-    assert_eq!(again_bytes, first_bytes, "a re-run writes the same files");
-    eprintln!(
-        "aws export of the generated run: {} records; first request file:\n{}",
-        got.len(),
-        first_file.lines().take(16).collect::<Vec<_>>().join("\n")
-    );
-}
-
-/// The two marketplaces exported hour by hour over the generated run.
+/// The marketplaces the generated run is exported to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HourlyMarket {
+enum Market {
+    Aws,
     Azure,
     Gcp,
 }
 
-/// `tally export --marketplace azure|gcp` over a generated run, hour by hour as each
-/// hour passes the liveness bound (GCP takes an hour only until two hours after its
-/// start): every tenant of the market's cloud mapped to a customer, output tokens per
-/// 1 000 and input tokens per 100 000 of every model as dimensions. The request files
-/// hold exactly the records the test computes from the stored rows with the market's
-/// rules (whole units, the fraction carried; Azure sends positive quantities only; GCP
-/// reports a consumer's metric every hour once it reported it, 0 included), no request
-/// holds more than 25 records, and a re-run writes byte-identical files.
-fn assert_hourly_export_matches_rows(
-    database: &str,
-    snapshot: &support::sink::Snapshot,
-    market: HourlyMarket,
-) {
+/// `tally export` over a generated run, hour by hour as each hour passes the liveness
+/// bound (GCP takes an hour only until two hours after its start): every tenant of the
+/// market's cloud mapped to a customer, output tokens per 1 000 and input tokens per
+/// 100 000 of every model as dimensions. The request files hold exactly the records the
+/// test computes from the stored rows with the market's rules (whole units, the
+/// fraction carried to the next hour; AWS sends a record for every hour with usage or
+/// units, Azure positive quantities only, GCP a consumer's metric every hour once it
+/// reported it, 0 included), no request holds more than 25 records, quantities are
+/// integers in the market's range, and a re-run writes byte-identical files (the hours
+/// are in the store's ledger: the same requests again, never new ones).
+fn assert_export_matches_rows(database: &str, snapshot: &support::sink::Snapshot, market: Market) {
     use std::collections::{BTreeMap, BTreeSet};
     use support::finance::{HOUR_MS, finance_config};
     use support::money::{format_utc_ms, parse_utc_ms};
@@ -639,8 +441,9 @@ fn assert_hourly_export_matches_rows(
     const LIVENESS_MS: i64 = 102_000;
     const MEASURES: [(&str, usize, i64); 2] = [("output_1k", 6, 1_000), ("input_100k", 4, 100_000)];
     let name = match market {
-        HourlyMarket::Azure => "azure",
-        HourlyMarket::Gcp => "gcp",
+        Market::Aws => "aws",
+        Market::Azure => "azure",
+        Market::Gcp => "gcp",
     };
 
     let rows: Vec<&(String, Vec<i64>, Vec<String>)> = snapshot
@@ -656,22 +459,25 @@ fn assert_hourly_export_matches_rows(
             .position(|known| *known == tenant)
             .expect("tenant");
         match market {
-            HourlyMarket::Azure => format!("res-{index}"),
-            HourlyMarket::Gcp => format!("project:p{index}"),
+            Market::Aws => format!("{:012}", 100_000_000_000_u64 + index as u64),
+            Market::Azure => format!("res-{index}"),
+            Market::Gcp => format!("project:p{index}"),
         }
     };
     let mut mapping = match market {
-        HourlyMarket::Azure => String::from("[azure]\n[azure.customers]\n"),
-        HourlyMarket::Gcp => String::from(
+        Market::Aws => String::from("[aws]\nproduct_code = \"prod-gen\"\n[aws.customers]\n"),
+        Market::Azure => String::from("[azure]\n[azure.customers]\n"),
+        Market::Gcp => String::from(
             "[gcp]\nservice_name = \"atlas.endpoints.gen.cloud.goog\"\n[gcp.customers]\n",
         ),
     };
     for tenant in &tenants {
         let entry = match market {
-            HourlyMarket::Azure => {
+            Market::Aws => format!("account_id = \"{}\"", customer(tenant)),
+            Market::Azure => {
                 format!("resource_id = \"{}\", plan_id = \"gold\"", customer(tenant))
             }
-            HourlyMarket::Gcp => format!("consumer_id = \"{}\"", customer(tenant)),
+            Market::Gcp => format!("consumer_id = \"{}\"", customer(tenant)),
         };
         mapping.push_str(&format!("\"{tenant}\" = {{ {entry} }}\n"));
     }
@@ -726,8 +532,9 @@ fn assert_hourly_export_matches_rows(
             through += new;
             let quantity = through / unit_of(dimension) - exported;
             let emit = match market {
-                HourlyMarket::Azure => quantity > 0,
-                HourlyMarket::Gcp => new > 0 || quantity > 0 || reported,
+                Market::Aws => new > 0 || quantity > 0,
+                Market::Azure => quantity > 0,
+                Market::Gcp => new > 0 || quantity > 0 || reported,
             };
             if emit {
                 exported += quantity;
@@ -789,8 +596,12 @@ fn assert_hourly_export_matches_rows(
             );
             let body: serde_json::Value = serde_json::from_str(&text).expect("json");
             let list = match market {
-                HourlyMarket::Azure => body["request"].as_array().expect("events").clone(),
-                HourlyMarket::Gcp => body["operations"].as_array().expect("operations").clone(),
+                Market::Aws => {
+                    assert_eq!(body["ProductCode"], "prod-gen");
+                    body["UsageRecords"].as_array().expect("records").clone()
+                }
+                Market::Azure => body["request"].as_array().expect("events").clone(),
+                Market::Gcp => body["operations"].as_array().expect("operations").clone(),
             };
             assert!(
                 !list.is_empty() && list.len() <= 25,
@@ -799,7 +610,24 @@ fn assert_hourly_export_matches_rows(
             );
             for record in list {
                 let (key, quantity) = match market {
-                    HourlyMarket::Azure => {
+                    Market::Aws => {
+                        let seconds = record["Timestamp"].as_i64().expect("epoch seconds");
+                        assert_eq!(seconds % 3600, 0, "on the hour");
+                        let quantity = record["Quantity"].as_i64().expect("an integer");
+                        assert!((0..=2_147_483_647).contains(&quantity));
+                        (
+                            (
+                                record["CustomerAWSAccountId"]
+                                    .as_str()
+                                    .expect("account")
+                                    .to_owned(),
+                                record["Dimension"].as_str().expect("dimension").to_owned(),
+                                seconds * 1000,
+                            ),
+                            quantity,
+                        )
+                    }
+                    Market::Azure => {
                         assert_eq!(record["planId"], "gold");
                         let quantity = record["quantity"].as_i64().expect("an integer");
                         assert!(quantity > 0, "azure quantities are positive");
@@ -812,7 +640,7 @@ fn assert_hourly_export_matches_rows(
                             quantity,
                         )
                     }
-                    HourlyMarket::Gcp => {
+                    Market::Gcp => {
                         let start = hour_of(record["startTime"].as_str().expect("start"));
                         let end = hour_of(record["endTime"].as_str().expect("end"));
                         assert_eq!(end - start, HOUR_MS, "one hour per operation");
