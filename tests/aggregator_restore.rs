@@ -1,7 +1,8 @@
 //! Restores run outside the rebalance callback: a member whose restore takes several
 //! times `max.poll.interval.ms` stays in the group, and a partition revoked in the
 //! middle of its restore has the restore cancelled and is restored once by its new
-//! owner. Real `tally aggregate` processes against a real Kafka broker; every
+//! owner. A failed committed-offset fetch is retried, its third failure in a row stops
+//! the member, and so does a restore thread that ends without a result. Real `tally aggregate` processes against a real Kafka broker; every
 //! observation is a `/metrics` counter or the group's committed offsets, never log
 //! text; the outputs equal the generator's ground truth.
 //!
@@ -167,6 +168,79 @@ fn a_restore_longer_than_max_poll_interval_keeps_the_member_and_a_revoke_cancels
     );
     b.terminate_cleanly(STOP_TIMEOUT);
     c.terminate_cleanly(STOP_TIMEOUT);
+    verify_against_truth(&input, &outputs, &group, OUTPUT_PARTITIONS);
+    eprintln!("wall time {:?}", test_started.elapsed());
+}
+
+/// Committed-offset fetches that fail are retried: with the first two fetches of the
+/// process failing (the test hook `--fail-offset-fetches`), a member still owns both
+/// partitions and commits the whole input exactly. Three failures in a row of one
+/// partition's fetch stop the member with exit status 1, and so does a restore thread
+/// that ends without a result (`--panic-restores`); neither moves the group's
+/// committed offsets, and a member without hooks then finds nothing left to do.
+#[test]
+fn failed_offset_fetches_are_retried_then_stop_the_member_as_does_a_lost_restore() {
+    const FETCH_FAILURES: &str = "tally_aggregator_offset_fetch_failures_total";
+    const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+    let test_started = Instant::now();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let event_time = EventTime::EOS;
+    let stream = PacedInput::start(
+        &rand_name("fetch-events"),
+        event_time.generator(3_000, 41, PARTITIONS),
+        true,
+        3_000,
+    );
+    let outputs = fresh_outputs(&stream.topic);
+    create_outputs(&outputs, OUTPUT_PARTITIONS);
+    let group = rand_name("fetch-group");
+    let child = ChildConfig::new(&group, event_time, OUTPUT_PARTITIONS).live_stream();
+
+    let mut a = spawn_member(
+        &child,
+        &outputs,
+        dir.path(),
+        "a",
+        &["--fail-offset-fetches", "2"],
+    );
+    let input = stream.finish();
+    wait_until(PROGRESS_TIMEOUT, "the whole input committed", || {
+        input_fully_committed(&input, &group)
+    });
+    assert_eq!(
+        a.counter(FETCH_FAILURES),
+        2.0,
+        "both injected failures were met and retried"
+    );
+    a.terminate_cleanly(STOP_TIMEOUT);
+    verify_against_truth(&input, &outputs, &group, OUTPUT_PARTITIONS);
+
+    for (name, hook) in [
+        ("b", ["--fail-offset-fetches", "100"].as_slice()),
+        ("c", ["--panic-restores"].as_slice()),
+    ] {
+        let mut member = spawn_member(&child, &outputs, dir.path(), name, hook);
+        let status = member
+            .process
+            .wait_timeout(EXIT_TIMEOUT)
+            .unwrap_or_else(|| panic!("{name} ({hook:?}) did not stop"));
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "{name} ({hook:?}) stops with an error; log:\n{}",
+            member.process.log_tail(20)
+        );
+        assert!(
+            input_fully_committed(&input, &group),
+            "{name} left the committed offsets alone"
+        );
+    }
+
+    let mut d = spawn_member(&child, &outputs, dir.path(), "d", &[]);
+    wait_until(PROGRESS_TIMEOUT, "d restored both partitions", || {
+        d.counter(RESTORES) >= 2.0
+    });
+    d.terminate_cleanly(STOP_TIMEOUT);
     verify_against_truth(&input, &outputs, &group, OUTPUT_PARTITIONS);
     eprintln!("wall time {:?}", test_started.elapsed());
 }

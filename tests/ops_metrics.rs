@@ -463,6 +463,7 @@ fn every_process_serves_described_bounded_metrics_that_match_the_run() {
         "tally_aggregator_abort_loops_total",
         "tally_aggregator_partition_restores_total",
         "tally_aggregator_restored_records_total",
+        "tally_aggregator_offset_fetch_failures_total",
     ] {
         assert_eq!(value(&metrics, name), 0.0, "{name} exists at 0");
     }

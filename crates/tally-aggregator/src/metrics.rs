@@ -72,6 +72,9 @@ pub const PARTITION_REVOCATIONS: &str = "tally_aggregator_partition_revocations_
 /// Partition restores cancelled because the partition was revoked (or the process
 /// stopped) before its re-read finished.
 pub const RESTORES_CANCELLED: &str = "tally_aggregator_partition_restores_cancelled_total";
+/// Committed-offset fetches (of newly assigned partitions) that failed; each is
+/// retried up to the third failure in a row, which stops the aggregator.
+pub const OFFSET_FETCH_FAILURES: &str = "tally_aggregator_offset_fetch_failures_total";
 /// Partitions assigned but not owned yet: their committed offset is being fetched or
 /// their state re-read (they are paused meanwhile).
 pub const RESTORING_PARTITIONS: &str = "tally_aggregator_restoring_partitions";
@@ -194,6 +197,11 @@ pub fn describe() {
         Unit::Count,
         "Partition restores cancelled because the partition was revoked before the re-read finished."
     );
+    describe_counter!(
+        OFFSET_FETCH_FAILURES,
+        Unit::Count,
+        "Committed-offset fetches of newly assigned partitions that failed (retried up to the third failure in a row)."
+    );
     describe_gauge!(
         RESTORING_PARTITIONS,
         Unit::Count,
@@ -251,6 +259,7 @@ pub fn register_zero(contracts: &Contracts) {
         TRANSACTIONS_ABORTED,
         RESTORED_RECORDS,
         PARTITION_RESTORES,
+        OFFSET_FETCH_FAILURES,
         ABORT_LOOPS,
         FATAL_RESTARTS,
     ] {
@@ -414,6 +423,11 @@ pub(crate) fn count_assigned(partitions: usize) {
 /// Counts partitions revoked from this member.
 pub(crate) fn count_revoked(partitions: usize) {
     counter!(PARTITION_REVOCATIONS).increment(partitions as u64);
+}
+
+/// Counts a failed committed-offset fetch.
+pub(crate) fn count_offset_fetch_failure() {
+    counter!(OFFSET_FETCH_FAILURES).increment(1);
 }
 
 /// Counts a restore cancelled by a revocation.

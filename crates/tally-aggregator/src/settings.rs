@@ -4,6 +4,8 @@
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use tally_core::config::Config;
@@ -68,6 +70,15 @@ pub struct AggregateArgs {
     /// longer than `max.poll.interval.ms` keeps the member in the group.
     #[arg(long)]
     pub restore_min_duration_ms: Option<u64>,
+    /// Test hook: the first N committed-offset fetches of this process fail as a broker
+    /// timeout would, to show that a partition's fetch is retried and that its third
+    /// failure in a row stops the aggregator.
+    #[arg(long)]
+    pub fail_offset_fetches: Option<u32>,
+    /// Test hook: every partition restore thread panics, to show that a restore thread
+    /// that ends without a result stops the aggregator with a clear error.
+    #[arg(long)]
+    pub panic_restores: bool,
     /// Exit 0 once every owned partition has sat at its end for this long after its
     /// last usage record and its tick was read back (for tests and batch catch-up).
     #[arg(long)]
@@ -94,6 +105,11 @@ pub struct AggregatorSettings {
     pub abort_every: Option<NonZeroU32>,
     /// Minimum duration of every partition restore (test hook, see [`AggregateArgs`]).
     pub restore_min_duration: Option<Duration>,
+    /// Committed-offset fetches still to fail (test hook, see [`AggregateArgs`]);
+    /// shared by every clone of these settings, so it counts across incarnations.
+    pub fail_offset_fetches: Arc<AtomicU32>,
+    /// Restore threads panic (test hook, see [`AggregateArgs`]).
+    pub panic_restores: bool,
     /// Exit once every partition settled for this long (see [`AggregateArgs`]).
     pub exit_after_idle: Option<Duration>,
     /// Liveness and readiness, reported by the loop (shared by every clone of these
@@ -118,6 +134,8 @@ impl AggregatorSettings {
             commit_interval,
             abort_every: None,
             restore_min_duration: None,
+            fail_offset_fetches: Arc::new(AtomicU32::new(0)),
+            panic_restores: false,
             exit_after_idle: None,
             health: Health::new(),
         }
@@ -149,6 +167,9 @@ impl AggregatorSettings {
         }
         settings.abort_every = args.abort_every.and_then(NonZeroU32::new);
         settings.restore_min_duration = args.restore_min_duration_ms.map(Duration::from_millis);
+        settings.fail_offset_fetches =
+            Arc::new(AtomicU32::new(args.fail_offset_fetches.unwrap_or(0)));
+        settings.panic_restores = args.panic_restores;
         settings.exit_after_idle = args.exit_after_idle_ms.map(Duration::from_millis);
         settings.validate()?;
         Ok(settings)

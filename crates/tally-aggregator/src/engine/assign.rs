@@ -46,7 +46,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_core::health::Phase;
@@ -398,6 +398,9 @@ impl Engine {
     fn apply_event(&mut self, event: AssignEvent) {
         match event {
             AssignEvent::Offsets { tickets, result } => {
+                if result.is_err() {
+                    m::count_offset_fetch_failure();
+                }
                 for (partition, ticket) in tickets {
                     let Some(pending) = self.pending_partitions.get_mut(&partition) else {
                         continue;
@@ -616,10 +619,21 @@ impl Engine {
                 .transaction_timeout()
                 .saturating_add(OFFSETS_FETCH_SLACK),
         );
+        let injected_failures = Arc::clone(&self.settings.fail_offset_fetches);
         std::thread::Builder::new()
             .name("tally-offsets".to_owned())
             .spawn(move || {
-                let result = fetch_committed(config, &topic, &tickets, timeout);
+                // The `--fail-offset-fetches` test hook takes one of its failures, if any.
+                let injected = injected_failures
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                        left.checked_sub(1)
+                    })
+                    .is_ok();
+                let result = if injected {
+                    Err(KafkaError::MetadataFetch(RDKafkaErrorCode::RequestTimedOut))
+                } else {
+                    fetch_committed(config, &topic, &tickets, timeout)
+                };
                 // The engine may be gone (the incarnation ended): nothing to report to.
                 let _ = sender.send(AssignEvent::Offsets { tickets, result });
             })
@@ -648,6 +662,10 @@ impl Engine {
         std::thread::Builder::new()
             .name(format!("tally-restore-{partition}"))
             .spawn(move || {
+                assert!(
+                    !settings.panic_restores,
+                    "the --panic-restores test hook ends the restore thread"
+                );
                 let rules = RecordRules {
                     contracts: &settings.contracts,
                     limits: &limits,
