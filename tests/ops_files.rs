@@ -313,6 +313,7 @@ fn alert_rules_use_exported_metrics_and_link_the_runbook() {
         "TallyWatermarkStalled",
         "TallyNoCommit",
         "TallyTransactionsAborting",
+        "TallyOffsetFetchFailing",
         "TallyAggregatorRestarting",
         "TallyRejectedRateHigh",
         "TallyTooLateRateHigh",
