@@ -262,6 +262,11 @@ impl PacedInput {
         i64::try_from(self.count).expect("small") + i64::from(ticks)
     }
 
+    /// Whether the producer is still producing (records still arrive).
+    pub fn producing(&self) -> bool {
+        !self.handle.is_finished()
+    }
+
     /// Σ committed offsets of `group` on the input.
     pub fn committed(&self, group: &str) -> i64 {
         committed_offset_sum(&self.bootstrap, group, &self.topic, self.partitions)
