@@ -217,8 +217,11 @@ pub(crate) struct Engine {
     /// Set once the process must stop: callbacks then only unassign.
     failed: bool,
     /// Set once shutdown was requested: assignments are ignored (no restore starts),
-    /// pending partitions are forgotten and transaction calls get [`SHUTDOWN_CALL_TIMEOUT`].
+    /// pending partitions are forgotten and transaction calls are time-limited (see
+    /// [`Engine::call_timeout`]).
     stopping: bool,
+    /// When stopping: the time by which the final transaction's calls must be over.
+    stop_deadline: Option<Instant>,
     last_commit: Instant,
     last_gauges: Instant,
     buffer: Vec<u8>,

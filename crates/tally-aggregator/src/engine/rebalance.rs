@@ -108,6 +108,15 @@ impl Engine {
     }
 }
 
+/// Gives the partitions of an assignment that is not taken an absolute placeholder
+/// offset, so that assigning them starts no committed-offset lookup (which leaving the
+/// group would wait for). They are paused and never fetched.
+fn ignore_assignment(tpl: &mut TopicPartitionList) {
+    if let Err(error) = tpl.set_all_offsets(Offset::Offset(0)) {
+        warn!(%error, "cannot set placeholder offsets on an ignored assignment");
+    }
+}
+
 /// The consumer context: the engine, and errors raised inside callbacks.
 pub(crate) struct AggregatorContext {
     pub(super) engine: Mutex<Engine>,
@@ -166,39 +175,46 @@ impl ConsumerContext for AggregatorContext {
                     engine.on_assign(tpl).map(|()| true)
                 });
                 match result {
-                    // Stopping: the partitions are not taken (no restore, no fetch);
-                    // the group hands them to another member once this one leaves.
+                    Ok(true) => {}
+                    // Stopping (or failed): the partitions are not taken (no restore,
+                    // no fetch); the group hands them to another member once this one
+                    // leaves.
                     Ok(false) => {
                         info!(
                             partitions = tpl.count(),
                             "assignment ignored while stopping"
                         );
+                        ignore_assignment(tpl);
                     }
-                    Ok(true) => {
-                        let assigned = if cooperative {
-                            consumer.incremental_assign(tpl)
-                        } else {
-                            consumer.assign(tpl)
-                        };
-                        // Paused until restored: the loop seeks and resumes each one.
-                        let paused = assigned
+                    Err(error) => {
+                        self.defer(error);
+                        ignore_assignment(tpl);
+                    }
+                }
+                // The assign call is made for an ignored assignment too: librdkafka
+                // waits for it before the member can leave the group. Paused, such
+                // partitions are never fetched; they are revoked when the member leaves.
+                let assigned = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                // Paused until restored: the loop seeks and resumes each one.
+                let paused = assigned
+                    .map_err(|source| AggregatorError::Kafka {
+                        operation: "assign",
+                        source,
+                    })
+                    .and_then(|()| {
+                        consumer
+                            .pause(tpl)
                             .map_err(|source| AggregatorError::Kafka {
-                                operation: "assign",
+                                operation: "pause assigned partitions",
                                 source,
                             })
-                            .and_then(|()| {
-                                consumer
-                                    .pause(tpl)
-                                    .map_err(|source| AggregatorError::Kafka {
-                                        operation: "pause assigned partitions",
-                                        source,
-                                    })
-                            });
-                        if let Err(error) = paused {
-                            self.defer(error);
-                        }
-                    }
-                    Err(error) => self.defer(error),
+                    });
+                if let Err(error) = paused {
+                    self.defer(error);
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {

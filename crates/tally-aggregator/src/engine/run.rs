@@ -12,7 +12,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseProducer, Producer};
 use tally_core::partition::PartitionCounters;
 use tally_core::semantics::Semantics;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::assign::AssignChannel;
 use super::rebalance::AggregatorContext;
@@ -32,6 +32,18 @@ const MAX_BATCH: usize = 32_768;
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 /// Housekeeping (ticks, commit timer, exit check) at most this often while records flow.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(10);
+/// Once the loop sees the shutdown flag, the final transaction's calls (the commit,
+/// or the abort that replaces it) must be over within this time.
+const STOP_TRANSACTION_BUDGET: Duration = Duration::from_millis(2_000);
+/// Leaving the group at shutdown takes at most this long, and ends at most this long
+/// after the final transaction's deadline (it gets at least [`LEAVE_MIN`]). A member
+/// leaves in well under a second unless its `JoinGroup` is held (see `leave_group`).
+const STOP_LEAVE_BUDGET: Duration = Duration::from_millis(1_500);
+/// The least time leaving the group gets.
+const LEAVE_MIN: Duration = Duration::from_millis(500);
+/// Time limit of leaving the group when the incarnation ends for another reason (an
+/// idle exit, an error before a restart).
+const LEAVE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Why [`crate::run`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,19 +268,66 @@ fn run_incarnation(
         Ok(exit) => finish(&consumer, &context).map(|()| exit),
         Err(error) => Err(error),
     };
-    if result.is_err()
-        && let Ok(mut engine) = context.engine.lock()
-    {
-        engine.failed = true;
-    }
+    let stop_deadline = match context.engine.lock() {
+        Ok(mut engine) => {
+            if result.is_err() {
+                engine.failed = true;
+            }
+            engine.stop_deadline
+        }
+        Err(_) => None,
+    };
     // Leaves the group; the revoke callback finds nothing left to commit (or, after
     // an error, only unassigns).
-    drop(consumer);
+    let leave_limit = stop_deadline.map_or(LEAVE_LIMIT, |deadline| {
+        (deadline + STOP_LEAVE_BUDGET)
+            .saturating_duration_since(Instant::now())
+            .clamp(LEAVE_MIN, STOP_LEAVE_BUDGET)
+    });
+    leave_group(consumer, leave_limit);
     let summary = match context.engine() {
         Ok(engine) => engine.summary.clone(),
         Err(error) => return (Err(error), RunSummary::empty()),
     };
     (result, summary)
+}
+
+/// Closes the consumer (the revoke callback runs, the member leaves the group), giving
+/// up after `limit`.
+///
+/// Leaving can take far longer than any of tally's calls: a member that stops in the
+/// middle of a rebalance has a `JoinGroup` request outstanding, which the coordinator
+/// answers only once every member has rejoined, and its `LeaveGroup` request waits
+/// behind it on the same connection. librdkafka's close waits for the answer without
+/// a limit, and so would dropping the consumer. So the consumer is dropped on a thread
+/// of its own; once `limit` has passed, the caller goes on (at shutdown: the process
+/// exits), and the group drops the member after `session.timeout.ms`. Nothing is lost
+/// either way: the final transaction was committed or aborted before the close.
+fn leave_group(consumer: BaseConsumer<AggregatorContext>, limit: Duration) {
+    let started = Instant::now();
+    let (left_tx, left_rx) = std::sync::mpsc::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("tally-leave-group".to_owned())
+        .spawn(move || {
+            drop(consumer);
+            // The receiver is gone when the limit passed first.
+            let _ = left_tx.send(());
+        });
+    if let Err(error) = spawned {
+        warn!(%error, "cannot start a thread to leave the group; left it without a time limit");
+        return;
+    }
+    match left_rx.recv_timeout(limit) {
+        Ok(()) => debug!(
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "left the group"
+        ),
+        Err(_) => warn!(
+            limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+            "leaving the group did not finish in time; going on without it \
+             (the group drops this member after its session timeout)"
+        ),
+    }
 }
 
 /// Creates the producer (fencing any earlier producer with the same transactional id)
@@ -323,6 +382,7 @@ fn start_incarnation(
         summary: RunSummary::empty(),
         failed: false,
         stopping: false,
+        stop_deadline: None,
         last_commit: now,
         last_gauges: now,
         buffer: Vec::with_capacity(1024),
@@ -384,6 +444,7 @@ fn drive(
             info!("shutdown requested");
             let mut engine = context.engine()?;
             engine.stopping = true;
+            engine.stop_deadline = Some(Instant::now() + STOP_TRANSACTION_BUDGET);
             engine.forget_all_pending();
             return Ok(ExitReason::Shutdown);
         }

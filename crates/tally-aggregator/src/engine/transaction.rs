@@ -25,10 +25,14 @@ use crate::decide::{
 use crate::error::AggregatorError;
 use crate::metrics::{self as m, PendingTotals};
 
-/// Time limit of each transaction call once shutdown was requested: the process exits
-/// within a few seconds of SIGTERM; a final transaction that cannot commit in time is
-/// aborted and its input re-read by the next owner.
+/// Time limit of each transaction call once shutdown was requested, and no later than
+/// the engine's stop deadline: the process exits within a few seconds of SIGTERM; a
+/// final transaction that cannot commit in time is aborted and its input re-read by
+/// the next owner.
 const SHUTDOWN_CALL_TIMEOUT: Duration = Duration::from_millis(1_500);
+/// The least time a call gets once the stop deadline has passed (an abort still has
+/// to be sent).
+const SHUTDOWN_CALL_MIN: Duration = Duration::from_millis(100);
 /// Flush before an abort: bounded, since an aborting transaction may not drain.
 const ABORT_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -109,10 +113,12 @@ fn is_retriable(error: &KafkaError) -> bool {
 impl Engine {
     /// The time limit of a blocking transaction call now.
     pub(super) fn call_timeout(&self) -> Duration {
-        if self.stopping {
-            SHUTDOWN_CALL_TIMEOUT
-        } else {
-            KAFKA_TIMEOUT
+        match (self.stopping, self.stop_deadline) {
+            (true, Some(deadline)) => deadline
+                .saturating_duration_since(Instant::now())
+                .clamp(SHUTDOWN_CALL_MIN, SHUTDOWN_CALL_TIMEOUT),
+            (true, None) => SHUTDOWN_CALL_TIMEOUT,
+            (false, _) => KAFKA_TIMEOUT,
         }
     }
 
@@ -323,7 +329,12 @@ impl Engine {
         counts_towards_loop: bool,
     ) -> Result<(), AggregatorError> {
         if self.in_transaction {
-            if let Err(error) = self.producer.flush(ABORT_FLUSH_TIMEOUT) {
+            let flush_limit = if self.stopping {
+                self.call_timeout()
+            } else {
+                ABORT_FLUSH_TIMEOUT
+            };
+            if let Err(error) = self.producer.flush(flush_limit) {
                 debug!(error = %error, "flush before abort failed");
             }
             if let Err(source) = self.producer.abort_transaction(self.call_timeout()) {
@@ -337,6 +348,7 @@ impl Engine {
         self.pending = PendingTotals::default();
         let topic = self.settings.config.topics.usage_events.clone();
         let epoch = self.next_epoch();
+        let seek_limit = self.call_timeout();
         for (partition, owned) in &mut self.partitions {
             owned.rewind(epoch);
             consumer
@@ -344,7 +356,7 @@ impl Engine {
                     &topic,
                     *partition,
                     Offset::Offset(owned.committed_offset),
-                    Timeout::After(KAFKA_TIMEOUT),
+                    Timeout::After(seek_limit),
                 )
                 .map_err(|source| AggregatorError::Kafka {
                     operation: "seek after abort",
