@@ -968,12 +968,28 @@ fn prometheus_parser_reads_help_type_labels_and_values() {
     assert_eq!(parsed.sum_where("c_bucket", "le", "+Inf"), 2.0);
 }
 
-/// Three members SIGTERMed at the same moment, while records arrive, each exit 0 within
-/// 5 s: assignments that reach a stopping member are not restored, and its transaction
-/// calls are time-limited. Two restarted members then finish the input exactly.
+/// The partitions a member owns or restores (assigned minus revoked).
+fn assigned_now(member: &mut Member) -> f64 {
+    let exposition = member.scrape_running();
+    counter(&exposition, "tally_aggregator_partition_assignments_total")
+        - counter(&exposition, "tally_aggregator_partition_revocations_total")
+}
+
+/// Three members SIGTERMed at the same moment, while records arrive and while their
+/// rebalance cannot finish, each exit 0 within 5 s; two restarted members then finish
+/// the input exactly.
+///
+/// A, B and Z share the partitions; Z is frozen (SIGSTOP) and C joins. The coordinator
+/// holds the `JoinGroup` requests of A, B and C until Z rejoins or its session (12 s
+/// here) times out, and a member's `LeaveGroup` waits behind its own `JoinGroup` on
+/// the coordinator's connection. A, B and C are SIGTERMed 4 s after C started: a
+/// member whose exit waits for its leave exits at the earliest ~7 s after the SIGTERM.
+/// Assignments that reach a stopping member are not restored, and its transaction
+/// calls are time-limited.
 #[test]
 fn three_members_sigtermed_at_once_each_exit_within_five_seconds() {
     const STOP_WITHIN: Duration = Duration::from_secs(5);
+    const SESSION_TIMEOUT_MS: &str = "12000";
     let started = Instant::now();
     let dir = tempfile::tempdir().expect("temp dir");
     let event_time = EventTime::EOS;
@@ -981,14 +997,16 @@ fn three_members_sigtermed_at_once_each_exit_within_five_seconds() {
         &rand_name("group-stop-events"),
         event_time.generator(60_000, 31, PARTITIONS),
         true,
-        // 40 s of input: three members that start and rebalance slowly under load
-        // still get their SIGTERMs while records arrive.
-        1_500,
+        // 30 s of input: the SIGTERMs land while records arrive, however slowly the
+        // members start on a loaded machine.
+        2_000,
     );
     let outputs = fresh_outputs(&stream.topic);
     create_outputs(&outputs, OUTPUT_PARTITIONS);
     let group = rand_name("group-stop");
-    let child = ChildConfig::new(&group, event_time, OUTPUT_PARTITIONS).live_stream();
+    let child = ChildConfig::new(&group, event_time, OUTPUT_PARTITIONS)
+        .live_stream()
+        .with_client(&[("session.timeout.ms", SESSION_TIMEOUT_MS)]);
     let suffix = rand_name("");
     let spawn = |name: &str| {
         Member::spawn(
@@ -1001,24 +1019,33 @@ fn three_members_sigtermed_at_once_each_exit_within_five_seconds() {
             &[],
         )
     };
-    let mut members: Vec<Member> = ["a", "b", "c"].into_iter().map(spawn).collect();
-    let total = stream.total_offsets();
-    // Every member owns partitions (scrapes answer once each restored its share) and
-    // the group has committed: the members are at work. The SIGTERMs follow that mark
-    // at once, while the paced input still arrives, however slowly the members started
-    // and however late their first commit came on a loaded machine.
-    for member in &mut members {
-        assert!(member.scrape().is_some(), "the member runs");
-    }
+    let mut members: Vec<Member> = ["a", "b", "z"].into_iter().map(spawn).collect();
+    wait_until(PROGRESS_TIMEOUT, "A, B and Z share the partitions", || {
+        let owned: Vec<f64> = members.iter_mut().map(assigned_now).collect();
+        owned.iter().all(|count| *count > 0.0) && owned.iter().sum::<f64>() == f64::from(PARTITIONS)
+    });
     wait_until(PROGRESS_TIMEOUT, "the group's first commit", || {
         stream.committed(&group) > 0
     });
-    let stopped_at = stream.committed(&group);
+    // Read before the freeze: a committed-offset query can wait for the rebalance.
+    let committed_before = stream.committed(&group);
+    let mut frozen_member = members.pop().expect("z");
+    frozen_member.process.signal("STOP");
+    let frozen = Instant::now();
+    members.push(spawn("c"));
+    assert!(members[2].scrape().is_some(), "C runs");
+    // C's JoinGroup starts the rebalance; A and B rejoin at their next heartbeat (1 s).
+    thread::sleep(Duration::from_secs(4));
     let producing_at_term = stream.producing();
     let term_sent = Instant::now();
     for member in &mut members {
         member.process.signal("TERM");
     }
+    let term_after_freeze = term_sent.duration_since(frozen);
+    assert!(
+        term_after_freeze < Duration::from_secs(7),
+        "the SIGTERMs came well inside Z's session timeout ({term_after_freeze:?} after the freeze)"
+    );
     for member in &mut members {
         let status = member.process.wait_timeout(STOP_WITHIN).unwrap_or_else(|| {
             panic!(
@@ -1034,15 +1061,18 @@ fn three_members_sigtermed_at_once_each_exit_within_five_seconds() {
             member.process.log_tail(40)
         );
     }
-    let all_exited = term_sent.elapsed();
+    let total = stream.total_offsets();
     eprintln!(
-        "all three exited {all_exited:?} after SIGTERM, at {stopped_at}/{total} committed ({:?})",
+        "A, B and C exited {:?} after SIGTERM, sent {term_after_freeze:?} after Z was frozen, \
+         at {committed_before}/{total} committed before the freeze ({:?})",
+        term_sent.elapsed(),
         started.elapsed()
     );
     assert!(
-        producing_at_term && stopped_at < total,
+        producing_at_term,
         "the SIGTERMs landed while records still arrived"
     );
+    frozen_member.process.kill();
 
     let mut restarted: Vec<Member> = ["d", "e"].into_iter().map(spawn).collect();
     let input = stream.finish();
