@@ -8,7 +8,10 @@
 //! it: `benches/e2e_throughput.rs` measures that.
 //!
 //! Input is `tally_gen::Generator` traffic for one partition with every record
-//! class (on time, out of order, corrections, duplicates, too late, rejected). Before
+//! class (on time, out of order, corrections, duplicates, too late, rejected), copied
+//! before it is timed into one buffer per batch, keys and values back to back in offset
+//! order, as librdkafka hands records to the loop (pointing into the fetched record
+//! batch; see `Fetched`). Before
 //! measuring, the state is filled for longer than the dedupe horizon, so ids expire as
 //! fast as they arrive and windows close as fast as they open: the measured state
 //! holds about 2.3 M remembered ids and 60–100 k open panes (5 000 tenants), and stays
@@ -95,6 +98,81 @@ impl Scale {
 }
 
 /// One partition's state and the stream that feeds it.
+/// A batch of input records laid out as a Kafka consumer receives them: every key and
+/// value back to back in one buffer, in offset order. librdkafka hands out records
+/// whose key and value point into the fetched (decompressed) record batch, so the
+/// loop reads them sequentially; the generator's own records are separate allocations
+/// wherever the allocator put them, which the loop never sees. Built outside the timed
+/// regions.
+struct Fetched {
+    bytes: Vec<u8>,
+    records: Vec<FetchedRecord>,
+}
+
+/// Where one record of a [`Fetched`] batch lies in its buffer.
+#[derive(Debug, Clone, Copy)]
+struct FetchedRecord {
+    key: Option<(usize, usize)>,
+    value: (usize, usize),
+    timestamp_ms: i64,
+}
+
+/// One record of a [`Fetched`] batch.
+#[derive(Debug, Clone, Copy)]
+struct RecordView<'a> {
+    key: Option<&'a [u8]>,
+    value: &'a [u8],
+    timestamp_ms: i64,
+}
+
+impl Fetched {
+    fn new(generated: &[GeneratedRecord]) -> Fetched {
+        let size = generated
+            .iter()
+            .map(|record| record.value.len() + record.key.as_ref().map_or(0, |key| key.len()))
+            .sum();
+        let mut bytes = Vec::with_capacity(size);
+        let mut records = Vec::with_capacity(generated.len());
+        for record in generated {
+            let key = record.key.as_ref().map(|key| {
+                let start = bytes.len();
+                bytes.extend_from_slice(key.as_ref());
+                (start, key.len())
+            });
+            let start = bytes.len();
+            bytes.extend_from_slice(&record.value);
+            records.push(FetchedRecord {
+                key,
+                value: (start, record.value.len()),
+                timestamp_ms: record.timestamp_ms,
+            });
+        }
+        Fetched { bytes, records }
+    }
+
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    fn view(&self, record: FetchedRecord) -> RecordView<'_> {
+        RecordView {
+            key: record
+                .key
+                .map(|(start, len)| &self.bytes[start..start + len]),
+            value: &self.bytes[record.value.0..record.value.0 + record.value.1],
+            timestamp_ms: record.timestamp_ms,
+        }
+    }
+
+    fn get(&self, index: usize) -> RecordView<'_> {
+        self.view(self.records[index])
+    }
+
+    fn iter(&self) -> impl Iterator<Item = RecordView<'_>> {
+        self.records.iter().map(|record| self.view(*record))
+    }
+}
+
 struct Stream {
     generator: Generator,
     state: PartitionState,
@@ -150,15 +228,16 @@ impl Stream {
         }
     }
 
-    fn batch(&mut self, len: usize) -> Vec<GeneratedRecord> {
-        (0..len)
+    fn batch(&mut self, len: usize) -> Fetched {
+        let generated: Vec<GeneratedRecord> = (0..len)
             .map(|_| self.generator.next_record().expect("the stream is long"))
-            .collect()
+            .collect();
+        Fetched::new(&generated)
     }
 
     /// The loop's per-record step, plus the commit-time drain every [`DRAIN_EVERY`]
     /// records. Returns rows drained.
-    fn apply(&mut self, record: &GeneratedRecord, buffer: &mut Vec<u8>) -> usize {
+    fn apply(&mut self, record: RecordView<'_>, buffer: &mut Vec<u8>) -> usize {
         let rules = RecordRules {
             contracts: &self.contracts,
             limits: &self.limits,
@@ -167,8 +246,8 @@ impl Stream {
         let input = InputRecord {
             partition: 0,
             offset: self.next_offset,
-            key: record.key.as_deref(),
-            value: &record.value,
+            key: record.key,
+            value: record.value,
             timestamp_ms: Some(record.timestamp_ms),
         };
         self.next_offset += 1;
@@ -209,10 +288,10 @@ impl Stream {
     }
 
     /// Decodes and validates a batch for the stage benchmarks (usage events only).
-    fn decoded(&self, records: &[GeneratedRecord]) -> Vec<(i64, UsageEvent)> {
+    fn decoded(&self, records: &Fetched) -> Vec<(i64, UsageEvent)> {
         records
             .iter()
-            .filter_map(|record| match decode_record(&record.value) {
+            .filter_map(|record| match decode_record(record.value) {
                 Ok(Decoded::Usage(event)) => Some((record.timestamp_ms, event)),
                 _ => None,
             })
@@ -230,11 +309,12 @@ fn prefill(stream: &mut Stream, records: u64) {
     let mut left = records;
     while left > 0 {
         let take = usize::try_from(left.min(BATCH as u64)).expect("small");
-        for record in stream.batch(take) {
+        let fetched = stream.batch(take);
+        for record in fetched.iter() {
             let counted_before = stream.state.counters().counted;
-            stream.apply(&record, &mut buffer);
+            stream.apply(record, &mut buffer);
             if stream.state.counters().counted > counted_before
-                && let Ok(Decoded::Usage(event)) = decode_record(&record.value)
+                && let Ok(Decoded::Usage(event)) = decode_record(record.value)
             {
                 let window = stream
                     .state
@@ -286,7 +366,7 @@ fn prefill(stream: &mut Stream, records: u64) {
 fn over_stream(
     stream: &mut Stream,
     iters: u64,
-    mut timed: impl FnMut(&mut Stream, &[GeneratedRecord]) -> Duration,
+    mut timed: impl FnMut(&mut Stream, &Fetched) -> Duration,
 ) -> Duration {
     let mut total = Duration::ZERO;
     let mut left = iters;
@@ -314,7 +394,7 @@ fn benches(c: &mut Criterion, stream: &mut Stream, test_mode: bool) {
         b.iter_custom(|iters| {
             over_stream(stream, iters, |stream, batch| {
                 let started = Instant::now();
-                for record in batch {
+                for record in batch.iter() {
                     stream.apply(record, &mut buffer);
                 }
                 started.elapsed()
@@ -332,7 +412,7 @@ fn benches(c: &mut Criterion, stream: &mut Stream, test_mode: bool) {
         let mut index = 0;
         b.iter(|| {
             index = (index + 1) % fixed.len();
-            black_box(decode_record(black_box(&fixed[index].value)))
+            black_box(decode_record(black_box(fixed.get(index).value)))
         });
     });
     group.bench_function("validate", |b| {
@@ -395,7 +475,8 @@ fn benches(c: &mut Criterion, stream: &mut Stream, test_mode: bool) {
             while rows < iters {
                 // Not timed: feed records until rows are pending.
                 while stream.state.closed_pending() == 0 {
-                    for record in stream.batch(BATCH) {
+                    let fetched = stream.batch(BATCH);
+                    for record in fetched.iter() {
                         let rules = RecordRules {
                             contracts: &stream.contracts,
                             limits: &stream.limits,
@@ -404,8 +485,8 @@ fn benches(c: &mut Criterion, stream: &mut Stream, test_mode: bool) {
                         let input = InputRecord {
                             partition: 0,
                             offset: stream.next_offset,
-                            key: record.key.as_deref(),
-                            value: &record.value,
+                            key: record.key,
+                            value: record.value,
                             timestamp_ms: Some(record.timestamp_ms),
                         };
                         stream.next_offset += 1;
@@ -454,7 +535,7 @@ fn fixed_run(stream: &mut Stream, records: u64) {
         let batch = stream.batch(take);
         let cpu_before = thread_cpu();
         let started = Instant::now();
-        for record in &batch {
+        for record in batch.iter() {
             rows += stream.apply(record, &mut buffer);
         }
         wall += started.elapsed();
