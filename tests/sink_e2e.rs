@@ -28,6 +28,7 @@ use support::eos::{
     ChildConfig, ReadRecord, create_outputs, free_port, fresh_outputs, produce_generated,
     read_committed, verify_against_truth,
 };
+use support::exports::Market;
 use support::money::TruthContracts;
 use support::prometheus::{parse, scrape};
 use support::rand_name;
@@ -415,14 +416,6 @@ fn assert_statement_matches_contracts(database: &str, snapshot: &support::sink::
     );
 }
 
-/// The marketplaces the generated run is exported to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Market {
-    Aws,
-    Azure,
-    Gcp,
-}
-
 /// `tally export` over a generated run, hour by hour as each hour passes the liveness
 /// bound (GCP takes an hour only until two hours after its start): every tenant of the
 /// market's cloud mapped to a customer, output tokens per 1 000 and input tokens per
@@ -435,16 +428,13 @@ enum Market {
 /// are in the store's ledger: the same requests again, never new ones).
 fn assert_export_matches_rows(database: &str, snapshot: &support::sink::Snapshot, market: Market) {
     use std::collections::{BTreeMap, BTreeSet};
+    use support::exports::{all_records, request_files};
     use support::finance::{HOUR_MS, finance_config};
-    use support::money::{format_utc_ms, parse_utc_ms};
+    use support::money::format_utc_ms;
     /// The liveness bound of `finance_config`: 60 s + 30 s + 10 s + 2 × 1 s.
     const LIVENESS_MS: i64 = 102_000;
     const MEASURES: [(&str, usize, i64); 2] = [("output_1k", 6, 1_000), ("input_100k", 4, 100_000)];
-    let name = match market {
-        Market::Aws => "aws",
-        Market::Azure => "azure",
-        Market::Gcp => "gcp",
-    };
+    let name = market.name();
 
     let rows: Vec<&(String, Vec<i64>, Vec<String>)> = snapshot
         .rows
@@ -571,100 +561,11 @@ fn assert_export_matches_rows(database: &str, snapshot: &support::sink::Snapshot
             String::from_utf8_lossy(&output.stderr)
         );
     };
-    let hour_of = |text: &str| {
-        assert!(text.ends_with(":00:00Z"), "{text} is on the hour");
-        parse_utc_ms(text).expect("an RFC 3339 hour")
-    };
     // (customer, dimension, hour) → quantity of every request file; name → bytes.
     let read = |out: &std::path::Path| {
-        let mut got: BTreeMap<(String, String, i64), i64> = BTreeMap::new();
-        let mut bytes: BTreeMap<std::path::PathBuf, Vec<u8>> = BTreeMap::new();
-        let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(out.join(name))
-            .map(|entries| entries.map(|entry| entry.expect("entry").path()).collect())
-            .unwrap_or_default();
-        names.sort();
-        for path in names {
-            if path.extension().is_none_or(|ext| ext != "json")
-                || path.file_name().is_some_and(|file| file == "manifest.json")
-            {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).expect("request file");
-            bytes.insert(
-                path.file_name().expect("name").into(),
-                text.clone().into_bytes(),
-            );
-            let body: serde_json::Value = serde_json::from_str(&text).expect("json");
-            let list = match market {
-                Market::Aws => {
-                    assert_eq!(body["ProductCode"], "prod-gen");
-                    body["UsageRecords"].as_array().expect("records").clone()
-                }
-                Market::Azure => body["request"].as_array().expect("events").clone(),
-                Market::Gcp => body["operations"].as_array().expect("operations").clone(),
-            };
-            assert!(
-                !list.is_empty() && list.len() <= 25,
-                "{} records",
-                list.len()
-            );
-            for record in list {
-                let (key, quantity) = match market {
-                    Market::Aws => {
-                        let seconds = record["Timestamp"].as_i64().expect("epoch seconds");
-                        assert_eq!(seconds % 3600, 0, "on the hour");
-                        let quantity = record["Quantity"].as_i64().expect("an integer");
-                        assert!((0..=2_147_483_647).contains(&quantity));
-                        (
-                            (
-                                record["CustomerAWSAccountId"]
-                                    .as_str()
-                                    .expect("account")
-                                    .to_owned(),
-                                record["Dimension"].as_str().expect("dimension").to_owned(),
-                                seconds * 1000,
-                            ),
-                            quantity,
-                        )
-                    }
-                    Market::Azure => {
-                        assert_eq!(record["planId"], "gold");
-                        let quantity = record["quantity"].as_i64().expect("an integer");
-                        assert!(quantity > 0, "azure quantities are positive");
-                        (
-                            (
-                                record["resourceId"].as_str().expect("resource").to_owned(),
-                                record["dimension"].as_str().expect("dimension").to_owned(),
-                                hour_of(record["effectiveStartTime"].as_str().expect("start")),
-                            ),
-                            quantity,
-                        )
-                    }
-                    Market::Gcp => {
-                        let start = hour_of(record["startTime"].as_str().expect("start"));
-                        let end = hour_of(record["endTime"].as_str().expect("end"));
-                        assert_eq!(end - start, HOUR_MS, "one hour per operation");
-                        let set = &record["metricValueSets"][0];
-                        let quantity: i64 = set["metricValues"][0]["int64Value"]
-                            .as_str()
-                            .expect("int64Value is a JSON string")
-                            .parse()
-                            .expect("an int64");
-                        assert!(quantity >= 0);
-                        (
-                            (
-                                record["consumerId"].as_str().expect("consumer").to_owned(),
-                                set["metricName"].as_str().expect("metric").to_owned(),
-                                start,
-                            ),
-                            quantity,
-                        )
-                    }
-                };
-                assert!(got.insert(key, quantity).is_none(), "a record twice");
-            }
-        }
-        (got, bytes)
+        let plan = if market == Market::Azure { "gold" } else { "" };
+        let got = all_records(out, market, "prod-gen", |_| plan.to_owned());
+        (got, request_files(out, market))
     };
     let out = dir.path().join("hourly");
     let mut now = first_hour;

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde_json::Value as Json;
+use support::exports::{Market, RecordKey, all_records};
 use support::finance::{
     FEB_2026_MS, HOUR_MS, MINUTE_MS, RowSpec, finance_config, tally_ok, write_rows,
 };
@@ -26,45 +27,6 @@ const LIVENESS_MS: i64 = 102_000;
 const H0: i64 = FEB_2026_MS + 10 * HOUR_MS;
 const AWS_TENANTS: i64 = 30;
 const BIG_OUTPUT: u64 = 3_000_000_000_000;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Market {
-    Aws,
-    Azure,
-    Gcp,
-}
-
-impl Market {
-    const fn name(self) -> &'static str {
-        match self {
-            Market::Aws => "aws",
-            Market::Azure => "azure",
-            Market::Gcp => "gcp",
-        }
-    }
-    const fn max(self) -> i64 {
-        match self {
-            Market::Aws => 2_147_483_647,
-            Market::Azure => 9_007_199_254_740_991,
-            Market::Gcp => i64::MAX,
-        }
-    }
-    const fn cloud(self) -> Cloud {
-        match self {
-            Market::Aws => Cloud::Aws,
-            Market::Azure => Cloud::Azure,
-            Market::Gcp => Cloud::Gcp,
-        }
-    }
-    /// Hours the marketplace still takes, after the hour's start.
-    const fn deadline_after_start_ms(self) -> i64 {
-        match self {
-            Market::Aws => 6 * HOUR_MS,
-            Market::Azure => 24 * HOUR_MS,
-            Market::Gcp => 2 * HOUR_MS,
-        }
-    }
-}
 
 /// (model, measure index 0..=4 = input, cached, output, reasoning, gross) → (dimension, unit).
 fn dimensions(market: Market) -> Vec<(&'static str, usize, &'static str, i64)> {
@@ -382,105 +344,13 @@ fn files(out: &Path, market: Market) -> BTreeMap<String, Vec<u8>> {
     files
 }
 
-/// The records of every request file: (customer, dimension, hour) → quantity, checking
-/// each request's size, each quantity's type and range, and each record's shape.
-fn records(out: &Path, market: Market) -> BTreeMap<(String, String, i64), i64> {
-    let mut records = BTreeMap::new();
+/// The records of every request file: (customer, dimension, hour) → quantity, each
+/// request and record checked (see `support::exports::request_records`).
+fn records(out: &Path, market: Market) -> BTreeMap<RecordKey, i64> {
     let plans = customers(market)
         .into_values()
         .collect::<BTreeMap<String, String>>();
-    for (name, bytes) in files(out, market) {
-        if name == "manifest.json" {
-            continue;
-        }
-        let body: Json = serde_json::from_slice(&bytes).expect("request json");
-        let list = match market {
-            Market::Aws => {
-                assert_eq!(body["ProductCode"], "prod-test");
-                body["UsageRecords"].as_array().expect("records").clone()
-            }
-            Market::Azure => body["request"].as_array().expect("events").clone(),
-            Market::Gcp => body["operations"].as_array().expect("operations").clone(),
-        };
-        assert!(
-            !list.is_empty() && list.len() <= 25,
-            "{name}: {} records",
-            list.len()
-        );
-        for record in list {
-            let (key, quantity) = match market {
-                Market::Aws => {
-                    let customer = record["CustomerAWSAccountId"].as_str().expect("account");
-                    let plan = &plans[customer];
-                    if plan.is_empty() {
-                        assert!(record.get("LicenseArn").is_none());
-                    } else {
-                        assert_eq!(record["LicenseArn"].as_str(), Some(plan.as_str()));
-                    }
-                    let seconds = record["Timestamp"].as_i64().expect("epoch seconds");
-                    assert_eq!(seconds % 3600, 0, "stamped on the hour");
-                    let quantity = record["Quantity"].as_i64().expect("integer quantity");
-                    assert!((0..=2_147_483_647).contains(&quantity), "{quantity}");
-                    (
-                        (
-                            customer.to_owned(),
-                            record["Dimension"].as_str().expect("dimension").to_owned(),
-                            seconds * 1000,
-                        ),
-                        quantity,
-                    )
-                }
-                Market::Azure => {
-                    let customer = record["resourceId"].as_str().expect("resource");
-                    assert_eq!(record["planId"].as_str(), Some(plans[customer].as_str()));
-                    let quantity = record["quantity"].as_i64().expect("integer quantity");
-                    assert!(quantity > 0, "azure quantities are positive");
-                    let start = record["effectiveStartTime"].as_str().expect("start");
-                    let hour = hour_of(start);
-                    (
-                        (
-                            customer.to_owned(),
-                            record["dimension"].as_str().expect("dimension").to_owned(),
-                            hour,
-                        ),
-                        quantity,
-                    )
-                }
-                Market::Gcp => {
-                    let start = hour_of(record["startTime"].as_str().expect("start"));
-                    let end = hour_of(record["endTime"].as_str().expect("end"));
-                    assert_eq!(end - start, HOUR_MS, "one hour per operation");
-                    let set = &record["metricValueSets"][0];
-                    let value = set["metricValues"][0]["int64Value"]
-                        .as_str()
-                        .expect("int64Value is a JSON string");
-                    let quantity: i64 = value.parse().expect("an int64");
-                    assert!(quantity >= 0);
-                    (
-                        (
-                            record["consumerId"].as_str().expect("consumer").to_owned(),
-                            set["metricName"].as_str().expect("metric").to_owned(),
-                            start,
-                        ),
-                        quantity,
-                    )
-                }
-            };
-            assert!(
-                records.insert(key, quantity).is_none(),
-                "a record appears twice"
-            );
-        }
-    }
-    records
-}
-
-/// ms of `YYYY-MM-DDTHH:00:00Z` (whole hours only).
-fn hour_of(text: &str) -> i64 {
-    assert!(text.ends_with(":00:00Z"), "{text} is on the hour");
-    let ms = support::money::parse_utc_ms(text).expect("an RFC 3339 hour");
-    assert_eq!(ms % HOUR_MS, 0);
-    ms
+    all_records(out, market, "prod-test", |customer| plans[customer].clone())
 }
 
 fn manifest(out: &Path, market: Market) -> Json {

@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod eos;
+pub mod exports;
 pub mod finance;
 pub mod group;
 pub mod kill;
