@@ -177,6 +177,24 @@ impl TransactionProbe {
         }
     }
 
+    /// [`TransactionProbe::open`] until it finds none, for at most `within`.
+    ///
+    /// A commit (or abort) returns once the transaction coordinator has logged it; the
+    /// coordinator writes the markers that move each partition's last stable offset
+    /// right after, so a process that ended its transaction can exit before they land.
+    /// An abandoned transaction stays open until the transaction timeout (10 s in the
+    /// tests) and the coordinator's next check: `within` must stay well below that.
+    pub fn open_after(&self, topics: &[&str], within: Duration) -> Vec<(String, i32, i64, i64)> {
+        let started = std::time::Instant::now();
+        loop {
+            let open = self.open(topics);
+            if open.is_empty() || started.elapsed() >= within {
+                return open;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The (topic, partition, last stable offset, high watermark) of every partition
     /// whose last stable offset lags its high watermark: an open transaction.
     pub fn open(&self, topics: &[&str]) -> Vec<(String, i32, i64, i64)> {

@@ -125,13 +125,13 @@
 //! requested, running restores are cancelled, assignments that still arrive are not
 //! taken (no restore starts; they are assigned paused, because librdkafka waits for
 //! the assign call before a member can leave), the final transaction's calls end
-//! within 2 s, and leaving the group gets at most 1.5 s more. Leaving can take much
+//! within 3 s, and leaving the group gets at most 1 s more. Leaving can take much
 //! longer than that: a member stopped in the middle of a rebalance has a `JoinGroup`
 //! request that the coordinator holds until every member rejoined, and its
 //! `LeaveGroup` waits behind it. Past the limit the process exits without it and the
 //! group drops the member after `session.timeout.ms`. So a process exits within about
 //! 4 s even when every member of the group stops at once in a rebalance that cannot
-//! finish.
+//! finish (about 1 s when its final commit is quick).
 //!
 //! **Start position.** A partition without a committed offset starts where
 //! `--start-from` says; without it the aggregator refuses to start and names the

@@ -34,11 +34,11 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 const HOUSEKEEPING_EVERY: Duration = Duration::from_millis(10);
 /// Once the loop sees the shutdown flag, the final transaction's calls (the commit,
 /// or the abort that replaces it) must be over within this time.
-const STOP_TRANSACTION_BUDGET: Duration = Duration::from_millis(2_000);
+const STOP_TRANSACTION_BUDGET: Duration = Duration::from_millis(3_000);
 /// Leaving the group at shutdown takes at most this long, and ends at most this long
 /// after the final transaction's deadline (it gets at least [`LEAVE_MIN`]). A member
 /// leaves in well under a second unless its `JoinGroup` is held (see `leave_group`).
-const STOP_LEAVE_BUDGET: Duration = Duration::from_millis(1_500);
+const STOP_LEAVE_BUDGET: Duration = Duration::from_millis(1_000);
 /// The least time leaving the group gets.
 const LEAVE_MIN: Duration = Duration::from_millis(500);
 /// Time limit of leaving the group when the incarnation ends for another reason (an
