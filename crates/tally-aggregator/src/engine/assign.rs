@@ -255,7 +255,7 @@ impl Engine {
             };
             let step = decide::pending_step(PendingFacts {
                 revoked: true,
-                stopping: self.stopping,
+                stopping: self.stopping(),
                 progress: pending.progress.facts(),
             });
             debug_assert_eq!(step, PendingStep::Forget);
@@ -322,12 +322,13 @@ impl Engine {
                     };
                 }
             }
+            let stopping = self.stopping();
             let Some(pending) = self.pending_partitions.get_mut(&partition) else {
                 continue;
             };
             let step = decide::pending_step(PendingFacts {
                 revoked: false,
-                stopping: self.stopping,
+                stopping,
                 progress: pending.progress.facts(),
             });
             match step {

@@ -216,11 +216,10 @@ pub(crate) struct Engine {
     summary: RunSummary,
     /// Set once the process must stop: callbacks then only unassign.
     failed: bool,
-    /// Set once shutdown was requested: assignments are ignored (no restore starts),
-    /// pending partitions are forgotten and transaction calls are time-limited (see
+    /// Set once shutdown was requested, to the time by which the final transaction's
+    /// calls must be over: assignments are then ignored (no restore starts), pending
+    /// partitions are forgotten and transaction calls are time-limited (see
     /// [`Engine::call_timeout`]).
-    stopping: bool,
-    /// When stopping: the time by which the final transaction's calls must be over.
     stop_deadline: Option<Instant>,
     last_commit: Instant,
     last_gauges: Instant,
@@ -240,6 +239,11 @@ fn now_ms() -> i64 {
 }
 
 impl Engine {
+    /// Whether shutdown was requested.
+    fn stopping(&self) -> bool {
+        self.stop_deadline.is_some()
+    }
+
     fn topic(&self) -> &str {
         &self.settings.config.topics.usage_events
     }

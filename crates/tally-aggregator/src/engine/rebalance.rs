@@ -169,7 +169,7 @@ impl ConsumerContext for AggregatorContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let result = self.engine().and_then(|mut engine| {
-                    if engine.failed || engine.stopping {
+                    if engine.failed || engine.stopping() {
                         return Ok(false);
                     }
                     engine.on_assign(tpl).map(|()| true)

@@ -381,7 +381,6 @@ fn start_incarnation(
         pending: PendingTotals::default(),
         summary: RunSummary::empty(),
         failed: false,
-        stopping: false,
         stop_deadline: None,
         last_commit: now,
         last_gauges: now,
@@ -443,7 +442,6 @@ fn drive(
         if shutdown.load(Ordering::SeqCst) {
             info!("shutdown requested");
             let mut engine = context.engine()?;
-            engine.stopping = true;
             engine.stop_deadline = Some(Instant::now() + STOP_TRANSACTION_BUDGET);
             engine.forget_all_pending();
             return Ok(ExitReason::Shutdown);

@@ -113,12 +113,11 @@ fn is_retriable(error: &KafkaError) -> bool {
 impl Engine {
     /// The time limit of a blocking transaction call now.
     pub(super) fn call_timeout(&self) -> Duration {
-        match (self.stopping, self.stop_deadline) {
-            (true, Some(deadline)) => deadline
+        match self.stop_deadline {
+            Some(deadline) => deadline
                 .saturating_duration_since(Instant::now())
                 .clamp(SHUTDOWN_CALL_MIN, SHUTDOWN_CALL_TIMEOUT),
-            (true, None) => SHUTDOWN_CALL_TIMEOUT,
-            (false, _) => KAFKA_TIMEOUT,
+            None => KAFKA_TIMEOUT,
         }
     }
 
@@ -329,7 +328,7 @@ impl Engine {
         counts_towards_loop: bool,
     ) -> Result<(), AggregatorError> {
         if self.in_transaction {
-            let flush_limit = if self.stopping {
+            let flush_limit = if self.stopping() {
                 self.call_timeout()
             } else {
                 ABORT_FLUSH_TIMEOUT
