@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use serde_json::Value as Json;
-use support::exports::{Market, RecordKey, all_records};
+use support::exports::{Market, RecordKey, all_records, json_files};
 use support::finance::{
     FEB_2026_MS, HOUR_MS, MINUTE_MS, RowSpec, finance_config, tally_ok, write_rows,
 };
@@ -326,24 +326,6 @@ fn export(
     serde_json::from_str(&text[json_start..]).expect("summary json")
 }
 
-/// Every request file of `market` under `out` (name → bytes), manifest apart.
-fn files(out: &Path, market: Market) -> BTreeMap<String, Vec<u8>> {
-    let mut files = BTreeMap::new();
-    let dir = out.join(market.name());
-    for entry in std::fs::read_dir(&dir).expect("output dir") {
-        let path = entry.expect("entry").path();
-        let name = path
-            .file_name()
-            .expect("name")
-            .to_string_lossy()
-            .into_owned();
-        if name.ends_with(".json") {
-            files.insert(name, std::fs::read(&path).expect("read"));
-        }
-    }
-    files
-}
-
 /// The records of every request file: (customer, dimension, hour) → quantity, each
 /// request and record checked (see `support::exports::request_records`).
 fn records(out: &Path, market: Market) -> BTreeMap<RecordKey, i64> {
@@ -415,7 +397,7 @@ fn aws_flow(database: &str, dir: &Path) {
         3_000_000_000 - 2_147_483_647
     );
     assert!(
-        files(&dir.join("a"), market).len() > 4,
+        json_files(&dir.join("a"), market).len() > 4,
         "more than 25 records per hour make several requests"
     );
 
@@ -423,7 +405,10 @@ fn aws_flow(database: &str, dir: &Path) {
     let again = export(database, market, &dir.join("b"), now1, &config, &mapping);
     assert_eq!(again["hours_exported"], serde_json::json!([]));
     assert_eq!(again["records_written"], 0);
-    assert_eq!(files(&dir.join("a"), market), files(&dir.join("b"), market));
+    assert_eq!(
+        json_files(&dir.join("a"), market),
+        json_files(&dir.join("b"), market)
+    );
 
     // Corrections of hour 10 arrive after it was exported, with usage of hour 13.
     let corrections = hour_specs(0, 1);
@@ -445,8 +430,8 @@ fn aws_flow(database: &str, dir: &Path) {
         "after corrections"
     );
     // The files of hours 10-12 did not change: no hour is exported twice.
-    let before = files(&dir.join("a"), market);
-    let after = files(&dir.join("c"), market);
+    let before = json_files(&dir.join("a"), market);
+    let after = json_files(&dir.join("c"), market);
     for (name, bytes) in &before {
         if name != "manifest.json" {
             assert_eq!(after.get(name), Some(bytes), "{name} unchanged");
@@ -549,7 +534,7 @@ fn aws_flow(database: &str, dir: &Path) {
     assert_eq!(summary["rejected"], 1);
     assert_eq!(summary["unknown"], 0);
     // Acknowledging every request of hour 10 removes the hour from the next run's files.
-    for (name, _) in files(&d, market) {
+    for (name, _) in json_files(&d, market) {
         if !name.starts_with(&format_utc_ms(H0)[..13]) {
             continue;
         }
@@ -570,7 +555,7 @@ fn aws_flow(database: &str, dir: &Path) {
         ack(&path, &response_path);
     }
     export(database, market, &dir.join("e"), now3, &config, &mapping);
-    let left = files(&dir.join("e"), market);
+    let left = json_files(&dir.join("e"), market);
     assert!(
         left.keys()
             .all(|name| !name.starts_with(&format_utc_ms(H0)[..13])),
@@ -612,8 +597,8 @@ fn azure_and_gcp_exports_follow_their_rules() {
         let again = dir.path().join(format!("{}-again", market.name()));
         export(&database, market, &again, now, &config, &mapping);
         assert_eq!(
-            files(&out, market),
-            files(&again, market),
+            json_files(&out, market),
+            json_files(&again, market),
             "{} re-run",
             market.name()
         );

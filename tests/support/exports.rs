@@ -67,24 +67,28 @@ pub fn hour_of(text: &str) -> i64 {
     ms
 }
 
-/// The request files of `market` under `out` (every `.json` but the manifest), by
+/// Every `.json` file of `market` under `out` (the request files and the manifest), by
 /// file name, with their bytes.
-pub fn request_files(out: &Path, market: Market) -> BTreeMap<String, Vec<u8>> {
+pub fn json_files(out: &Path, market: Market) -> BTreeMap<String, Vec<u8>> {
     let mut files = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(out.join(market.name())) else {
-        return files;
-    };
-    for entry in entries {
+    for entry in std::fs::read_dir(out.join(market.name())).expect("output dir") {
         let path = entry.expect("entry").path();
         let name = path
             .file_name()
             .expect("name")
             .to_string_lossy()
             .into_owned();
-        if name.ends_with(".json") && name != "manifest.json" {
-            files.insert(name, std::fs::read(&path).expect("read request file"));
+        if name.ends_with(".json") {
+            files.insert(name, std::fs::read(&path).expect("read"));
         }
     }
+    files
+}
+
+/// The request files of `market` under `out`: [`json_files`] without the manifest.
+pub fn request_files(out: &Path, market: Market) -> BTreeMap<String, Vec<u8>> {
+    let mut files = json_files(out, market);
+    files.remove("manifest.json");
     files
 }
 
