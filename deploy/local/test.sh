@@ -4,7 +4,7 @@
 # Installs missing Debian build packages, starts a real single-node Kafka
 # broker and a PostgreSQL server on 127.0.0.1, then runs, failing fast:
 #   promtool check/test of the alert rules, docker-compose config of the stack,
-#   cargo fmt --check, cargo clippy -D warnings, the test build, every test
+#   cargo fmt --check, the test build, cargo clippy -D warnings, every test
 #   (the kill soak in a second lane), doctests, benches in test mode
 # Both services are stopped on exit, whatever happens.
 #
@@ -213,12 +213,18 @@ if [[ -n ${TALLY_TEST_THREADS:-} ]]; then
   echo "RUST_TEST_THREADS=$RUST_TEST_THREADS"
 fi
 
+# The test build before clippy: clippy then reuses the built dependencies and checks
+# only the workspace (about 70 s on the 2-core machine). Clippy first, from a cold
+# target, took 370 s and the build after it 386 s.
 if [[ ${TALLY_SKIP_LINT:-} == 1 && -z ${CI:-} ]]; then
   skip_step fmt "TALLY_SKIP_LINT=1"
-  skip_step clippy "TALLY_SKIP_LINT=1"
 else
   step fmt cargo fmt --all -- --check
-  step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 fi
 step build cargo test --workspace --locked --no-run --all-targets
+if [[ ${TALLY_SKIP_LINT:-} == 1 && -z ${CI:-} ]]; then
+  skip_step clippy "TALLY_SKIP_LINT=1"
+else
+  step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
 step test run_tests
