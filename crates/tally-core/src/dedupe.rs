@@ -29,11 +29,13 @@
 //!   horizon + window) × ~70 bytes; e.g. 10 000 events/s with a 1-hour horizon ≈
 //!   2.6 GB across the partitions carrying it.
 //! - **Speed.** The table is hashed with foldhash (a multiply-fold per id, against
-//!   SipHash's dozens of rounds); `claim` probes once (entry API), and `expire` does
+//!   SipHash's dozens of rounds); `claim` and `probe` look an id up once (entry API):
+//!   the partition state probes first and remembers a new id only once the event is
+//!   counted, without hashing or searching again. `expire` does
 //!   nothing until the watermark reaches the first queued window's expiry, then
 //!   removes exactly the ids that expire.
 
-use std::collections::hash_map::Entry;
+use std::collections::hash_map::{Entry, VacantEntry};
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
 use std::mem::size_of;
@@ -58,6 +60,37 @@ type IdKey = (u64, u64);
 
 fn id_key(id: EventId) -> IdKey {
     ((id.0 >> 64) as u64, id.0 as u64)
+}
+
+/// What [`DedupeSet::probe`] found.
+#[derive(Debug)]
+pub enum Probe<'a> {
+    /// The id is remembered: [`Claim::Duplicate`] or [`Claim::ConflictingDuplicate`].
+    Remembered(Claim),
+    /// The id is not remembered.
+    New(NewId<'a>),
+}
+
+/// A new id found by [`DedupeSet::probe`], with the table slot it would take.
+#[derive(Debug)]
+pub struct NewId<'a> {
+    slot: VacantEntry<'a, IdKey, u64>,
+    fingerprint: u64,
+    expiry: &'a mut BTreeMap<i64, Vec<IdKey>>,
+    next_expiry_ms: &'a mut i64,
+    horizon_ms: i64,
+}
+
+impl NewId<'_> {
+    /// Remembers the id with its fingerprint, until `window_end_ms + horizon` is
+    /// reached by the watermark.
+    pub fn remember(self, window_end_ms: i64) {
+        let key = *self.slot.key();
+        self.slot.insert(self.fingerprint);
+        self.expiry.entry(window_end_ms).or_default().push(key);
+        *self.next_expiry_ms =
+            (*self.next_expiry_ms).min(window_end_ms.saturating_add(self.horizon_ms));
+    }
 }
 
 /// An exact set of event ids expiring by watermark.
@@ -131,18 +164,30 @@ impl DedupeSet {
 
     /// Looks `id` up and, when new, remembers it with its window end and fingerprint.
     pub fn claim(&mut self, id: EventId, window_end_ms: i64, fingerprint: u64) -> Claim {
-        let key = id_key(id);
-        match self.ids.entry(key) {
-            Entry::Occupied(entry) if *entry.get() == fingerprint => Claim::Duplicate,
-            Entry::Occupied(_) => Claim::ConflictingDuplicate,
-            Entry::Vacant(entry) => {
-                entry.insert(fingerprint);
-                self.expiry.entry(window_end_ms).or_default().push(key);
-                self.next_expiry_ms = self
-                    .next_expiry_ms
-                    .min(window_end_ms.saturating_add(self.horizon_ms));
+        match self.probe(id, fingerprint) {
+            Probe::Remembered(claim) => claim,
+            Probe::New(new) => {
+                new.remember(window_end_ms);
                 Claim::New
             }
+        }
+    }
+
+    /// Looks `id` up once; a new id is remembered only if [`NewId::remember`] is called
+    /// (dropping the [`NewId`] leaves the set as it was).
+    pub fn probe(&mut self, id: EventId, fingerprint: u64) -> Probe<'_> {
+        match self.ids.entry(id_key(id)) {
+            Entry::Occupied(entry) if *entry.get() == fingerprint => {
+                Probe::Remembered(Claim::Duplicate)
+            }
+            Entry::Occupied(_) => Probe::Remembered(Claim::ConflictingDuplicate),
+            Entry::Vacant(slot) => Probe::New(NewId {
+                slot,
+                fingerprint,
+                expiry: &mut self.expiry,
+                next_expiry_ms: &mut self.next_expiry_ms,
+                horizon_ms: self.horizon_ms,
+            }),
         }
     }
 
