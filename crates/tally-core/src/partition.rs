@@ -125,7 +125,7 @@ use std::mem::size_of;
 use crate::aggregate::{BillingAggregate, Dims, PartnerShare, RowKind};
 use crate::codec::UsageEventRef;
 use crate::contracts::{Contracts, PricingError};
-use crate::dedupe::{Claim, DedupeSet, hash_buckets_for_capacity};
+use crate::dedupe::{Claim, DedupeSet, Probe, hash_buckets_for_capacity};
 use crate::event::{Cloud, EventId, RequestStatus, TokenCounts, UsageEvent};
 use crate::identity::{RowIdentity, row_id};
 use crate::money::{MoneyError, RowAmounts};
@@ -346,6 +346,13 @@ pub struct Clock {
     pub max_event_time_ms: Option<i64>,
     /// The largest tick time read.
     pub last_tick_ms: Option<i64>,
+}
+
+/// A conflicting duplicate at offset `anchor` and the oldest mark when it was read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pin {
+    anchor: i64,
+    pinned: LowWater,
 }
 
 /// Where a restore may start: the offset `L` and the partition's clock just before the
@@ -613,8 +620,12 @@ pub struct PartitionState {
     /// in one window; no effect on decisions).
     last_marked_window_ms: i64,
     /// Conflicting duplicates that a restore must not re-read without their original,
-    /// by (end of the duplicate's own window, its offset): the low water at the time.
-    pins: BTreeMap<(i64, i64), LowWater>,
+    /// by the end of the duplicate's own window, in offset order. Of consecutive pins
+    /// of one window end that hold the same low water only the last (largest offset)
+    /// is kept: it satisfies [`PartitionState::low_water`]'s condition whenever an
+    /// earlier one does, with the same effect, so the set stays as small as the number
+    /// of distinct low waters instead of one entry per duplicate.
+    pins: BTreeMap<i64, Vec<Pin>>,
     /// On-time panes of open windows, by window start.
     on_time: BTreeMap<i64, Panes>,
     /// Open correction panes of closed windows, by window start.
@@ -856,15 +867,15 @@ impl PartitionState {
             }
         };
 
-        // 3. Duplicate.
-        match self.dedupe.lookup(event.event_id, payload_fingerprint) {
-            Claim::New => {}
-            Claim::Duplicate => return Classified::Duplicate,
-            Claim::ConflictingDuplicate => {
+        // 3. Duplicate. A new id is remembered below, once the event is counted.
+        let new_id = match self.dedupe.probe(event.event_id, payload_fingerprint) {
+            Probe::New(new_id) => new_id,
+            Probe::Remembered(Claim::Duplicate) => return Classified::Duplicate,
+            Probe::Remembered(_) => {
                 self.pin(window.end_ms, offset);
                 return Classified::ConflictingDuplicate;
             }
-        }
+        };
 
         // 4. Counted: claim the id and add to the pane in one step.
         let panes = match pane {
@@ -884,6 +895,7 @@ impl PartitionState {
             acc.add(offset, event);
         } else {
             if !tokens_fit_alone(&event.tokens) {
+                // The new id is left unremembered (`new_id` is not used again).
                 if panes.is_empty() {
                     self.forget_empty_window(pane, window.start_ms);
                 }
@@ -904,8 +916,7 @@ impl PartitionState {
             };
             panes.insert(key, PaneAcc::first(offset, event));
         }
-        self.dedupe
-            .claim(event.event_id, window.end_ms, payload_fingerprint);
+        new_id.remember(window.end_ms);
         if window.start_ms != self.last_marked_window_ms {
             self.mark(window.start_ms, offset);
         }
@@ -936,7 +947,14 @@ impl PartitionState {
         // The original is remembered, so its window is marked: the oldest mark is at or
         // before the original's offset.
         if let Some(oldest) = self.marks.values().min_by_key(|mark| mark.offset).copied() {
-            self.pins.insert((window_end_ms, offset), oldest);
+            let pins = self.pins.entry(window_end_ms).or_default();
+            match pins.last_mut() {
+                Some(last) if last.pinned == oldest => last.anchor = offset,
+                _ => pins.push(Pin {
+                    anchor: offset,
+                    pinned: oldest,
+                }),
+            }
         }
     }
 
@@ -1096,7 +1114,7 @@ impl PartitionState {
             entry.remove();
         }
         while let Some(entry) = self.pins.first_entry() {
-            if !gone(entry.key().0) {
+            if !gone(*entry.key()) {
                 break;
             }
             entry.remove();
@@ -1238,9 +1256,9 @@ impl PartitionState {
         }
         loop {
             let mut lowered = false;
-            for (&(_, anchor), pinned) in &self.pins {
-                if anchor >= low.offset && pinned.offset < low.offset {
-                    low = *pinned;
+            for pin in self.pins.values().flatten() {
+                if pin.anchor >= low.offset && pin.pinned.offset < low.offset {
+                    low = pin.pinned;
                     lowered = true;
                 }
             }
