@@ -36,7 +36,7 @@
 //!   removes exactly the ids that expire.
 
 use std::collections::hash_map::{Entry, VacantEntry};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, btree_map};
 use std::hash::{BuildHasher, Hasher};
 use std::mem::size_of;
 
@@ -76,9 +76,7 @@ pub enum Probe<'a> {
 pub struct NewId<'a> {
     slot: VacantEntry<'a, IdKey, u64>,
     fingerprint: u64,
-    expiry: &'a mut BTreeMap<i64, Vec<IdKey>>,
-    next_expiry_ms: &'a mut i64,
-    horizon_ms: i64,
+    expiry: &'a mut Expiry,
 }
 
 impl NewId<'_> {
@@ -87,27 +85,70 @@ impl NewId<'_> {
     pub fn remember(self, window_end_ms: i64) {
         let key = *self.slot.key();
         self.slot.insert(self.fingerprint);
-        self.expiry.entry(window_end_ms).or_default().push(key);
-        *self.next_expiry_ms =
-            (*self.next_expiry_ms).min(window_end_ms.saturating_add(self.horizon_ms));
+        self.expiry.push(key, window_end_ms);
+    }
+}
+
+/// The remembered ids by the end of their window, for expiry in window order.
+#[derive(Debug, Clone)]
+struct Expiry {
+    horizon_ms: i64,
+    /// Invariant: an id is in [`DedupeSet`]'s table exactly when it is in one of these
+    /// queues, under the window end it was claimed with (ids enter both in `remember`
+    /// and leave both in `expire`).
+    queues: BTreeMap<i64, Vec<IdKey>>,
+    /// `first window end + horizon`: the smallest watermark at which `expire` forgets
+    /// anything (`i64::MAX` when nothing is remembered).
+    next_expiry_ms: i64,
+    /// The largest window end queued so far.
+    newest_end_ms: i64,
+    /// The capacity a queue for a newer window end than any so far starts with: a
+    /// quarter more than the last expired queue held, so a window's queue is not
+    /// reallocated on its way up. A queue for an older window end (a late first id)
+    /// starts empty.
+    queue_hint: usize,
+}
+
+impl Expiry {
+    fn new(horizon_ms: i64) -> Expiry {
+        Expiry {
+            horizon_ms,
+            queues: BTreeMap::new(),
+            next_expiry_ms: i64::MAX,
+            newest_end_ms: i64::MIN,
+            queue_hint: 0,
+        }
+    }
+
+    fn push(&mut self, key: IdKey, window_end_ms: i64) {
+        let queue = match self.queues.entry(window_end_ms) {
+            btree_map::Entry::Occupied(queue) => queue.into_mut(),
+            btree_map::Entry::Vacant(slot) => {
+                let capacity = if window_end_ms > self.newest_end_ms {
+                    self.newest_end_ms = window_end_ms;
+                    self.queue_hint
+                } else {
+                    0
+                };
+                slot.insert(Vec::with_capacity(capacity))
+            }
+        };
+        queue.push(key);
+        self.next_expiry_ms = self
+            .next_expiry_ms
+            .min(window_end_ms.saturating_add(self.horizon_ms));
     }
 }
 
 /// An exact set of event ids expiring by watermark.
 #[derive(Debug)]
 pub struct DedupeSet {
-    horizon_ms: i64,
     /// Remembered id → payload fingerprint. The hasher is foldhash with a per-process
     /// random seed: the table is only probed, never iterated, so its order (and thus
     /// the seed) cannot influence any output.
     ids: HashMap<IdKey, u64, foldhash::fast::RandomState>,
-    /// Ids by the end of their window, for expiry in window order. Invariant: an id is
-    /// in `ids` exactly when it is in one of these queues, under the window end it was
-    /// claimed with (ids enter both in `claim` and leave both in `expire`).
-    expiry: BTreeMap<i64, Vec<IdKey>>,
-    /// `first window end + horizon`: the smallest watermark at which `expire` forgets
-    /// anything (`i64::MAX` when nothing is remembered).
-    next_expiry_ms: i64,
+    /// Ids by the end of their window.
+    expiry: Expiry,
 }
 
 /// `clone_from` reuses the id table's allocation: the aggregator snapshots its state at
@@ -116,24 +157,15 @@ pub struct DedupeSet {
 impl Clone for DedupeSet {
     fn clone(&self) -> DedupeSet {
         DedupeSet {
-            horizon_ms: self.horizon_ms,
             ids: self.ids.clone(),
             expiry: self.expiry.clone(),
-            next_expiry_ms: self.next_expiry_ms,
         }
     }
 
     fn clone_from(&mut self, source: &DedupeSet) {
-        let DedupeSet {
-            horizon_ms,
-            ids,
-            expiry,
-            next_expiry_ms,
-        } = source;
-        self.horizon_ms = *horizon_ms;
+        let DedupeSet { ids, expiry } = source;
         self.ids.clone_from(ids);
         self.expiry.clone_from(expiry);
-        self.next_expiry_ms = *next_expiry_ms;
     }
 }
 
@@ -141,16 +173,14 @@ impl DedupeSet {
     /// An empty set forgetting ids `horizon_ms` after their window ends (in watermark time).
     pub fn new(horizon_ms: i64) -> DedupeSet {
         DedupeSet {
-            horizon_ms,
             ids: HashMap::default(),
-            expiry: BTreeMap::new(),
-            next_expiry_ms: i64::MAX,
+            expiry: Expiry::new(horizon_ms),
         }
     }
 
     /// The horizon, ms.
     pub fn horizon_ms(&self) -> i64 {
-        self.horizon_ms
+        self.expiry.horizon_ms
     }
 
     /// Looks `id` up without remembering it.
@@ -185,8 +215,6 @@ impl DedupeSet {
                 slot,
                 fingerprint,
                 expiry: &mut self.expiry,
-                next_expiry_ms: &mut self.next_expiry_ms,
-                horizon_ms: self.horizon_ms,
             }),
         }
     }
@@ -195,24 +223,27 @@ impl DedupeSet {
     /// (`window_end + horizon ≤ watermark`). Returns how many were forgotten. O(1)
     /// unless a window's ids expire, then O(ids forgotten).
     pub fn expire(&mut self, watermark_ms: i64) -> usize {
-        if watermark_ms < self.next_expiry_ms {
+        let expiry = &mut self.expiry;
+        if watermark_ms < expiry.next_expiry_ms {
             return 0;
         }
         let mut forgotten = 0;
-        while let Some(entry) = self.expiry.first_entry() {
-            let expires_at_ms = entry.key().saturating_add(self.horizon_ms);
+        while let Some(entry) = expiry.queues.first_entry() {
+            let expires_at_ms = entry.key().saturating_add(expiry.horizon_ms);
             if expires_at_ms > watermark_ms {
-                self.next_expiry_ms = expires_at_ms;
+                expiry.next_expiry_ms = expires_at_ms;
                 return forgotten;
             }
-            for key in entry.remove() {
-                // Always present (see the invariant on `expiry`).
+            let queue = entry.remove();
+            expiry.queue_hint = queue.len().saturating_add(queue.len() / 4);
+            for key in queue {
+                // Always present (see the invariant on `Expiry::queues`).
                 if self.ids.remove(&key).is_some() {
                     forgotten += 1;
                 }
             }
         }
-        self.next_expiry_ms = i64::MAX;
+        expiry.next_expiry_ms = i64::MAX;
         forgotten
     }
 
@@ -234,11 +265,13 @@ impl DedupeSet {
         let map_bytes = buckets * slot;
         let queue_bytes: usize = self
             .expiry
+            .queues
             .values()
             .map(|ids| ids.capacity() * size_of::<IdKey>())
             .sum();
         // A B-tree entry costs its key and value plus about half again in node slack.
-        let tree_bytes = self.expiry.len() * (size_of::<i64>() + size_of::<Vec<IdKey>>()) * 3 / 2;
+        let tree_bytes =
+            self.expiry.queues.len() * (size_of::<i64>() + size_of::<Vec<IdKey>>()) * 3 / 2;
         map_bytes + queue_bytes + tree_bytes
     }
 }
