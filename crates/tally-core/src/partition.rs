@@ -640,7 +640,25 @@ pub struct PartitionState {
     /// Pane count of the last on-time window that closed: the capacity a new window's
     /// table starts with, so it does not rehash its way up (no effect on decisions).
     on_time_panes_hint: usize,
+    /// Emptied pane tables kept for windows to come (no effect on decisions): that of
+    /// the last on-time window that closed, and up to [`SPARE_CORRECTION_TABLES`] of
+    /// the correction panes closed last. A window's table is megabytes at scale; a
+    /// new one cost a large malloc and a page fault per 4 KiB, and a correction table
+    /// grew from empty through every power of two. Not state: a copy starts without
+    /// them, and `clone_from` keeps the target's.
+    spare_panes: SparePanes,
 }
+
+/// See [`PartitionState`]'s `spare_panes`.
+#[derive(Debug, Default)]
+struct SparePanes {
+    on_time: Option<Panes>,
+    corrections: Vec<Panes>,
+}
+
+/// At most this many emptied correction tables are kept (one per window of the
+/// correction horizon is enough at the horizons in use).
+const SPARE_CORRECTION_TABLES: usize = 16;
 
 /// A deep copy. `clone_from` reuses the target's allocations where the collections
 /// allow it (the dedupe set's id table above all): the aggregator keeps a snapshot
@@ -665,6 +683,7 @@ impl Clone for PartitionState {
             closed: self.closed.clone(),
             counters: self.counters,
             on_time_panes_hint: self.on_time_panes_hint,
+            spare_panes: SparePanes::default(),
         }
     }
 
@@ -688,6 +707,7 @@ impl Clone for PartitionState {
             closed,
             counters,
             on_time_panes_hint,
+            spare_panes: _,
         } = source;
         self.params.clone_from(params);
         self.too_late_after_ms = *too_late_after_ms;
@@ -740,6 +760,7 @@ impl PartitionState {
             closed: Vec::new(),
             counters: PartitionCounters::default(),
             on_time_panes_hint: 0,
+            spare_panes: SparePanes::default(),
         })
     }
 
@@ -881,11 +902,19 @@ impl PartitionState {
         let panes = match pane {
             CountedAs::OnTime => {
                 let hint = self.on_time_panes_hint;
-                self.on_time
-                    .entry(window.start_ms)
-                    .or_insert_with(|| Panes::with_capacity_and_hasher(hint, Default::default()))
+                let spare = &mut self.spare_panes.on_time;
+                self.on_time.entry(window.start_ms).or_insert_with(|| {
+                    spare.take().unwrap_or_else(|| {
+                        Panes::with_capacity_and_hasher(hint, Default::default())
+                    })
+                })
             }
-            CountedAs::Correction => self.corrections.entry(window.start_ms).or_default(),
+            CountedAs::Correction => {
+                let spare = &mut self.spare_panes.corrections;
+                self.corrections
+                    .entry(window.start_ms)
+                    .or_insert_with(|| spare.pop().unwrap_or_default())
+            }
         };
         let known = known_key(&self.symbols, event, row_kind);
         if let Some(acc) = known.and_then(|key| panes.get_mut(&key)) {
@@ -1012,10 +1041,10 @@ impl PartitionState {
                 break;
             }
             let bounds = Window { start_ms, end_ms };
-            let panes = entry.remove();
+            let mut panes = entry.remove();
             self.on_time_panes_hint = panes.len();
             self.closed.reserve(panes.len());
-            for (key, acc) in panes {
+            for (key, acc) in panes.drain() {
                 self.closed.push(ClosedPane {
                     window: bounds,
                     key,
@@ -1023,17 +1052,20 @@ impl PartitionState {
                     acc,
                 });
             }
+            if self.spare_panes.on_time.is_none() {
+                self.spare_panes.on_time = Some(panes);
+            }
         }
 
         if crossed_boundary || at_tick {
             let open_corrections = std::mem::take(&mut self.corrections);
-            for (start_ms, panes) in open_corrections {
+            for (start_ms, mut panes) in open_corrections {
                 let bounds = Window {
                     start_ms,
                     end_ms: start_ms.saturating_add(window.as_ms()),
                 };
                 let sequences = self.last_correction_seq.entry(start_ms).or_default();
-                for (key, acc) in panes {
+                for (key, acc) in panes.drain() {
                     let sequence = sequences.entry(key).or_insert(0);
                     *sequence += 1;
                     self.closed.push(ClosedPane {
@@ -1042,6 +1074,9 @@ impl PartitionState {
                         correction_seq: *sequence,
                         acc,
                     });
+                }
+                if self.spare_panes.corrections.len() < SPARE_CORRECTION_TABLES {
+                    self.spare_panes.corrections.push(panes);
                 }
             }
             // Windows past the correction horizon can get no more events: their
@@ -1418,6 +1453,10 @@ impl PartitionState {
         let mut bytes = self.dedupe.approx_bytes() + self.symbols.approx_bytes();
         for panes in self.on_time.values().chain(self.corrections.values()) {
             bytes += window_entry + hash_buckets_for_capacity(panes.capacity()) * pane_slot;
+        }
+        let spares = &self.spare_panes;
+        for spare in spares.on_time.iter().chain(&spares.corrections) {
+            bytes += hash_buckets_for_capacity(spare.capacity()) * pane_slot;
         }
         let seq_window_entry = (size_of::<i64>() + size_of::<Sequences>()) * 2;
         let seq_slot = size_of::<(PaneKey, u32)>() + 1;
