@@ -36,7 +36,7 @@
 //!   removes exactly the ids that expire.
 
 use std::collections::hash_map::{Entry, VacantEntry};
-use std::collections::{BTreeMap, HashMap, btree_map};
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::mem::size_of;
 
@@ -95,8 +95,9 @@ struct Expiry {
     horizon_ms: i64,
     /// Invariant: an id is in [`DedupeSet`]'s table exactly when it is in one of these
     /// queues, under the window end it was claimed with (ids enter both in `remember`
-    /// and leave both in `expire`).
-    queues: BTreeMap<i64, Vec<IdKey>>,
+    /// and leave both in `expire`). In increasing window-end order, one queue per end;
+    /// almost every id joins the newest, which `push` tries first.
+    queues: VecDeque<(i64, Vec<IdKey>)>,
     /// `first window end + horizon`: the smallest watermark at which `expire` forgets
     /// anything (`i64::MAX` when nothing is remembered).
     next_expiry_ms: i64,
@@ -113,7 +114,7 @@ impl Expiry {
     fn new(horizon_ms: i64) -> Expiry {
         Expiry {
             horizon_ms,
-            queues: BTreeMap::new(),
+            queues: VecDeque::new(),
             next_expiry_ms: i64::MAX,
             newest_end_ms: i64::MIN,
             queue_hint: 0,
@@ -121,19 +122,29 @@ impl Expiry {
     }
 
     fn push(&mut self, key: IdKey, window_end_ms: i64) {
-        let queue = match self.queues.entry(window_end_ms) {
-            btree_map::Entry::Occupied(queue) => queue.into_mut(),
-            btree_map::Entry::Vacant(slot) => {
-                let capacity = if window_end_ms > self.newest_end_ms {
-                    self.newest_end_ms = window_end_ms;
-                    self.queue_hint
-                } else {
-                    0
-                };
-                slot.insert(Vec::with_capacity(capacity))
+        if let Some((end_ms, queue)) = self.queues.back_mut()
+            && *end_ms == window_end_ms
+        {
+            queue.push(key);
+        } else {
+            match self
+                .queues
+                .binary_search_by_key(&window_end_ms, |(end_ms, _)| *end_ms)
+            {
+                Ok(index) => self.queues[index].1.push(key),
+                Err(index) => {
+                    let capacity = if window_end_ms > self.newest_end_ms {
+                        self.newest_end_ms = window_end_ms;
+                        self.queue_hint
+                    } else {
+                        0
+                    };
+                    let mut queue = Vec::with_capacity(capacity);
+                    queue.push(key);
+                    self.queues.insert(index, (window_end_ms, queue));
+                }
             }
-        };
-        queue.push(key);
+        }
         self.next_expiry_ms = self
             .next_expiry_ms
             .min(window_end_ms.saturating_add(self.horizon_ms));
@@ -228,13 +239,15 @@ impl DedupeSet {
             return 0;
         }
         let mut forgotten = 0;
-        while let Some(entry) = expiry.queues.first_entry() {
-            let expires_at_ms = entry.key().saturating_add(expiry.horizon_ms);
+        while let Some(&(end_ms, _)) = expiry.queues.front() {
+            let expires_at_ms = end_ms.saturating_add(expiry.horizon_ms);
             if expires_at_ms > watermark_ms {
                 expiry.next_expiry_ms = expires_at_ms;
                 return forgotten;
             }
-            let queue = entry.remove();
+            let Some((_, queue)) = expiry.queues.pop_front() else {
+                break;
+            };
             expiry.queue_hint = queue.len().saturating_add(queue.len() / 4);
             for key in queue {
                 // Always present (see the invariant on `Expiry::queues`).
@@ -258,7 +271,7 @@ impl DedupeSet {
     }
 
     /// Estimated heap bytes, from the capacities actually allocated: hash-map buckets
-    /// (slot + control byte each), expiry vectors, and B-tree entries.
+    /// (slot + control byte each), expiry vectors, and the queue list.
     pub fn approx_bytes(&self) -> usize {
         let slot = size_of::<(IdKey, u64)>() + 1;
         let buckets = hash_buckets_for_capacity(self.ids.capacity());
@@ -266,13 +279,11 @@ impl DedupeSet {
         let queue_bytes: usize = self
             .expiry
             .queues
-            .values()
-            .map(|ids| ids.capacity() * size_of::<IdKey>())
+            .iter()
+            .map(|(_, ids)| ids.capacity() * size_of::<IdKey>())
             .sum();
-        // A B-tree entry costs its key and value plus about half again in node slack.
-        let tree_bytes =
-            self.expiry.queues.len() * (size_of::<i64>() + size_of::<Vec<IdKey>>()) * 3 / 2;
-        map_bytes + queue_bytes + tree_bytes
+        let list_bytes = self.expiry.queues.capacity() * size_of::<(i64, Vec<IdKey>)>();
+        map_bytes + queue_bytes + list_bytes
     }
 }
 
