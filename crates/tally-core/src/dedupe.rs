@@ -101,9 +101,7 @@ struct Expiry {
     /// `first window end + horizon`: the smallest watermark at which `expire` forgets
     /// anything (`i64::MAX` when nothing is remembered).
     next_expiry_ms: i64,
-    /// The largest window end queued so far.
-    newest_end_ms: i64,
-    /// The capacity a queue for a newer window end than any so far starts with: a
+    /// The capacity a queue for a newer window end than any queued starts with: a
     /// quarter more than the last expired queue held, so a window's queue is not
     /// reallocated on its way up. A queue for an older window end (a late first id)
     /// starts empty.
@@ -116,7 +114,6 @@ impl Expiry {
             horizon_ms,
             queues: VecDeque::new(),
             next_expiry_ms: i64::MAX,
-            newest_end_ms: i64::MIN,
             queue_hint: 0,
         }
     }
@@ -133,12 +130,8 @@ impl Expiry {
             {
                 Ok(index) => self.queues[index].1.push(key),
                 Err(index) => {
-                    let capacity = if window_end_ms > self.newest_end_ms {
-                        self.newest_end_ms = window_end_ms;
-                        self.queue_hint
-                    } else {
-                        0
-                    };
+                    let newest = index == self.queues.len();
+                    let capacity = if newest { self.queue_hint } else { 0 };
                     let mut queue = Vec::with_capacity(capacity);
                     queue.push(key);
                     self.queues.insert(index, (window_end_ms, queue));
