@@ -37,6 +37,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const ASSIGNMENTS: &str = "tally_aggregator_partition_assignments_total";
 const REVOCATIONS: &str = "tally_aggregator_partition_revocations_total";
 const RESTORES: &str = "tally_aggregator_partition_restores_total";
+const STARTED: &str = "tally_aggregator_partition_restores_started_total";
 const RESTORED_RECORDS: &str = "tally_aggregator_restored_records_total";
 const CANCELLED: &str = "tally_aggregator_partition_restores_cancelled_total";
 const RESTORING: &str = "tally_aggregator_restoring_partitions";
@@ -108,9 +109,20 @@ fn a_restore_longer_than_max_poll_interval_keeps_the_member_and_a_revoke_cancels
         "b",
         &["--restore-min-duration-ms", &restore_ms],
     );
-    wait_until(PROGRESS_TIMEOUT, "b restores both partitions", || {
+    // The gauge counts partitions still fetching their committed offset (a fetch that
+    // waits out `a`'s last transaction markers on a loaded machine); only a started
+    // re-read can be cancelled, so wait for both to start.
+    wait_until(PROGRESS_TIMEOUT, "b was assigned both partitions", || {
         counter(&b.scrape_running(), RESTORING) == 2.0
     });
+    let b_assigned = Instant::now();
+    wait_until(PROGRESS_TIMEOUT, "b restores both partitions", || {
+        counter(&b.scrape_running(), STARTED) == 2.0
+    });
+    eprintln!(
+        "b's re-reads started {:?} after the gauge showed both partitions",
+        b_assigned.elapsed()
+    );
     let b_restoring_since = Instant::now();
     let mut c = spawn_member(&child, &outputs, dir.path(), "c", &[]);
     wait_until(PROGRESS_TIMEOUT, "c restored its partition", || {
@@ -142,24 +154,26 @@ fn a_restore_longer_than_max_poll_interval_keeps_the_member_and_a_revoke_cancels
     let b_counts = [
         counter(&b_metrics, ASSIGNMENTS),
         counter(&b_metrics, REVOCATIONS),
+        counter(&b_metrics, STARTED),
         counter(&b_metrics, RESTORES),
         counter(&b_metrics, CANCELLED),
     ];
     let c_counts = [
         counter(&c_metrics, ASSIGNMENTS),
         counter(&c_metrics, REVOCATIONS),
+        counter(&c_metrics, STARTED),
         counter(&c_metrics, RESTORES),
         counter(&c_metrics, CANCELLED),
     ];
-    eprintln!("assigned, revoked, restored, cancelled: b {b_counts:?}, c {c_counts:?}");
+    eprintln!("assigned, revoked, started, restored, cancelled: b {b_counts:?}, c {c_counts:?}");
     assert_eq!(
         b_counts,
-        [2.0, 1.0, 1.0, 1.0],
+        [2.0, 1.0, 2.0, 1.0, 1.0],
         "b: both partitions assigned once, one moved to c mid-restore, no eviction"
     );
     assert_eq!(
         c_counts,
-        [1.0, 0.0, 1.0, 0.0],
+        [1.0, 0.0, 1.0, 1.0, 0.0],
         "c: one partition assigned and restored, nothing revoked"
     );
     assert!(

@@ -462,6 +462,7 @@ fn every_process_serves_described_bounded_metrics_that_match_the_run() {
         "tally_aggregator_fatal_restarts_total",
         "tally_aggregator_abort_loops_total",
         "tally_aggregator_partition_restores_total",
+        "tally_aggregator_partition_restores_started_total",
         "tally_aggregator_restored_records_total",
         "tally_aggregator_offset_fetch_failures_total",
     ] {

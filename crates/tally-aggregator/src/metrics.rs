@@ -64,6 +64,9 @@ pub const RESTORED_RECORDS: &str = "tally_aggregator_restored_records_total";
 /// Partitions whose state was rebuilt from their committed checkpoint after an
 /// assignment (partitions without a committed offset start fresh and are not counted).
 pub const PARTITION_RESTORES: &str = "tally_aggregator_partition_restores_total";
+/// Re-reads started (a partition's committed offset fetched and its checkpoint found):
+/// each ends restored, cancelled or failed.
+pub const RESTORES_STARTED: &str = "tally_aggregator_partition_restores_started_total";
 /// Partitions the group assigned to this member (one per partition and rebalance that
 /// added it): under a stable group it stays at the partitions first assigned.
 pub const PARTITION_ASSIGNMENTS: &str = "tally_aggregator_partition_assignments_total";
@@ -183,6 +186,11 @@ pub fn describe() {
         "Partitions whose state was rebuilt from their committed checkpoint."
     );
     describe_counter!(
+        RESTORES_STARTED,
+        Unit::Count,
+        "Partition re-reads started from a committed checkpoint (each ends restored, cancelled or failed)."
+    );
+    describe_counter!(
         PARTITION_ASSIGNMENTS,
         Unit::Count,
         "Partitions the consumer group assigned to this member."
@@ -259,6 +267,7 @@ pub fn register_zero(contracts: &Contracts) {
         TRANSACTIONS_ABORTED,
         RESTORED_RECORDS,
         PARTITION_RESTORES,
+        RESTORES_STARTED,
         OFFSET_FETCH_FAILURES,
         ABORT_LOOPS,
         FATAL_RESTARTS,
@@ -413,6 +422,11 @@ pub(crate) fn count_abort() {
 pub(crate) fn count_restored(records: u64) {
     counter!(PARTITION_RESTORES).increment(1);
     counter!(RESTORED_RECORDS).increment(records);
+}
+
+/// Counts a re-read started.
+pub(crate) fn count_restore_started() {
+    counter!(RESTORES_STARTED).increment(1);
 }
 
 /// Counts partitions assigned to this member.

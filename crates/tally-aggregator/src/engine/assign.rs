@@ -508,6 +508,7 @@ impl Engine {
             StartDecision::Restore((checkpoint, committed_offset, metadata)) => {
                 let idle_base_ms = checkpoint.idle_base_ms;
                 let thread = self.spawn_restore(partition, checkpoint, committed_offset)?;
+                m::count_restore_started();
                 if let Some(pending) = self.pending_partitions.get_mut(&partition) {
                     pending.progress = Progress::Restoring {
                         committed_offset,
