@@ -27,10 +27,6 @@
 //!   each (decode and validate on a fixed batch; `on_event` on the advancing stream);
 //! - `stage/drain_price_encode_per_row`: pricing and encoding, per drained row.
 //!
-//! After each fixed run's drain, the state is also copied into a snapshot with
-//! `PartitionState::clone_from`, as the loop does after every commit; its time is
-//! printed apart and is not in the run's figures.
-//!
 //! The state's size (`approx_state_bytes`, remembered ids, open panes and windows) is
 //! printed after the pre-fill.
 //!
@@ -180,11 +176,6 @@ struct Stream {
     limits: ValidationLimits,
     next_offset: i64,
     since_drain: u64,
-    /// Drains so far.
-    drains: u64,
-    /// The commit-time snapshot of the state: the loop keeps one per partition and
-    /// refreshes it after every commit with `clone_from`.
-    snapshot: Option<PartitionState>,
 }
 
 impl Stream {
@@ -223,8 +214,6 @@ impl Stream {
             limits: ValidationLimits::default(),
             next_offset: 0,
             since_drain: 0,
-            drains: 0,
-            snapshot: None,
         }
     }
 
@@ -256,21 +245,9 @@ impl Stream {
         self.since_drain += 1;
         if self.since_drain >= DRAIN_EVERY {
             self.since_drain = 0;
-            self.drains += 1;
             return self.drain(buffer);
         }
         0
-    }
-
-    /// Refreshes the commit-time snapshot as the loop does after a commit; returns
-    /// how long it took.
-    fn snapshot(&mut self) -> Duration {
-        let started = Instant::now();
-        match &mut self.snapshot {
-            Some(snapshot) => snapshot.clone_from(&self.state),
-            None => self.snapshot = Some(self.state.clone()),
-        }
-        started.elapsed()
     }
 
     /// Drains, prices and encodes every closed row, as a commit does.
@@ -527,8 +504,6 @@ fn fixed_run(stream: &mut Stream, records: u64) {
     let mut wall = Duration::ZERO;
     let mut cpu = Duration::ZERO;
     let mut rows = 0;
-    let mut drains = stream.drains;
-    let mut snapshots = Vec::new();
     let mut left = records;
     while left > 0 {
         let take = usize::try_from(left.min(BATCH as u64)).expect("small");
@@ -540,11 +515,6 @@ fn fixed_run(stream: &mut Stream, records: u64) {
         }
         wall += started.elapsed();
         cpu += thread_cpu() - cpu_before;
-        if stream.drains != drains {
-            // After the commit that the drain stands for, untimed above.
-            drains = stream.drains;
-            snapshots.push(stream.snapshot());
-        }
         left -= take as u64;
     }
     println!(
@@ -555,13 +525,6 @@ fn fixed_run(stream: &mut Stream, records: u64) {
         cpu.as_secs_f64(),
         records as f64 / cpu.as_secs_f64().max(0.01),
     );
-    for took in snapshots {
-        println!(
-            "commit snapshot after the drain (PartitionState::clone_from, not in the figures \
-             above): {:.1} ms",
-            took.as_secs_f64() * 1e3
-        );
-    }
 }
 
 fn main() {

@@ -270,6 +270,10 @@ fn aborted_transactions_and_restarts_change_nothing() {
         summary.transactions_aborted > 0,
         "the hook aborted transactions"
     );
+    assert!(
+        summary.records_restored > 0,
+        "partitions changed in aborted transactions were rebuilt from their checkpoints"
+    );
     let aborting_rows = verify_run(&input, &aborting, &aborting_group);
     assert_eq!(
         aborting_rows, reference_rows,

@@ -75,8 +75,14 @@
 //!
 //! **Aborts.** After any abort — an abortable transaction error, a failed commit, lost
 //! partitions, the `--abort-every` test hook — the producer is flushed and the
-//! transaction aborted, every owned partition's live state is replaced by the clone
-//! taken at the last commit, and the consumer is seeked to the committed offsets. Since
+//! transaction aborted, and every owned partition returns to its last commit: one that
+//! processed nothing since keeps its state and is seeked to its committed offset; one
+//! that did is paused and rebuilt from its committed checkpoint exactly as an assigned
+//! partition is (re-read `[L, C)` on a helper thread, digest checked, then seeked to
+//! `C` and resumed; counted in `tally_aggregator_partition_restores_total`), or, never
+//! committed yet, starts again fresh at its start offset. No copy of the state is
+//! taken at commits: at a long horizon the state is tens to hundreds of MiB, and
+//! copying it at every commit cost more than rebuilding it on the rare abort. Since
 //! state is a function of the records up to an offset, the next transaction redoes the
 //! same work. If five transactions in a row abort (no commit in between, i.e. at the same
 //! input offsets) the aggregator stops with an ERROR log and

@@ -62,7 +62,8 @@ pub const TRANSACTIONS_ABORTED: &str = "tally_aggregator_transactions_aborted_to
 /// Input records re-read to rebuild partition state after an assignment.
 pub const RESTORED_RECORDS: &str = "tally_aggregator_restored_records_total";
 /// Partitions whose state was rebuilt from their committed checkpoint after an
-/// assignment (partitions without a committed offset start fresh and are not counted).
+/// assignment, or after an abort for a partition changed in the aborted transaction
+/// (partitions without a committed offset start fresh and are not counted).
 pub const PARTITION_RESTORES: &str = "tally_aggregator_partition_restores_total";
 /// Re-reads started (a partition's committed offset fetched and its checkpoint found):
 /// each ends restored, cancelled or failed.
@@ -183,7 +184,7 @@ pub fn describe() {
     describe_counter!(
         PARTITION_RESTORES,
         Unit::Count,
-        "Partitions whose state was rebuilt from their committed checkpoint."
+        "Partitions whose state was rebuilt from their committed checkpoint (after an assignment or an abort)."
     );
     describe_counter!(
         RESTORES_STARTED,

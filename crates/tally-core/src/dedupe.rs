@@ -155,9 +155,9 @@ pub struct DedupeSet {
     expiry: Expiry,
 }
 
-/// `clone_from` reuses the id table's allocation: the aggregator snapshots its state at
-/// every commit, and a fresh table of millions of ids (larger than malloc's mmap
-/// threshold) costs a page fault per 4 KiB on top of the copy.
+/// `clone_from` reuses the id table's allocation: a fresh table of millions of ids
+/// (larger than malloc's mmap threshold) costs a page fault per 4 KiB on top of the
+/// copy.
 impl Clone for DedupeSet {
     fn clone(&self) -> DedupeSet {
         DedupeSet {

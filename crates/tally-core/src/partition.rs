@@ -55,12 +55,11 @@
 //! and restarts cannot change a row's content or id. `tests/pipeline_props.rs` checks
 //! this with arbitrary inputs.
 //!
-//! # Snapshots for exactly-once
+//! # Copies
 //! `PartitionState: Clone`. The clone is a deep copy (O(state): panes, dedupe set,
-//! queued rows) and is exactly the state after the last record fed. The loop keeps the
-//! clone taken when a Kafka transaction committed and, when a transaction aborts,
-//! replaces the live state with it and seeks the consumer to the committed offsets;
-//! since state is a function of the records up to an offset, the two agree.
+//! queued rows) and is exactly the state after the last record fed. The aggregator
+//! does not copy the state at commits: after an abort it rebuilds a partition that
+//! changed from its committed checkpoint (below), as after a restart.
 //!
 //! # Bounded restore
 //! The aggregator keeps no copy of this state: after a crash, a rebalance or an abort
@@ -118,7 +117,7 @@
 //!   the window's table.
 //! - emptied tables kept for reuse: the last closed on-time window's (about one
 //!   window's panes) and up to 16 closed correction tables; counted in the estimate,
-//!   never copied into the commit snapshot.
+//!   never copied by `Clone`.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
@@ -664,8 +663,7 @@ struct SparePanes {
 const SPARE_CORRECTION_TABLES: usize = 16;
 
 /// A deep copy. `clone_from` reuses the target's allocations where the collections
-/// allow it (the dedupe set's id table above all): the aggregator keeps a snapshot
-/// per partition and refreshes it at every commit with `clone_from`.
+/// allow it (the dedupe set's id table above all).
 impl Clone for PartitionState {
     fn clone(&self) -> PartitionState {
         PartitionState {

@@ -244,6 +244,48 @@ impl Engine {
         self.spawn_offsets_fetch(tickets)
     }
 
+    /// After an abort: `partitions` (dropped from the owned ones) become pending with
+    /// their committed offset and checkpoint as if just fetched, and are paused; their
+    /// state is re-read like any assigned partition's, then they are owned again.
+    pub(super) fn rebuild_from_checkpoints(
+        &mut self,
+        consumer: &BaseConsumer<AggregatorContext>,
+        partitions: Vec<(i32, i64, String)>,
+    ) -> Result<(), AggregatorError> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let topic = self.topic().to_owned();
+        let mut pause = TopicPartitionList::new();
+        for (partition, committed_offset, metadata) in partitions {
+            pause.add_partition(&topic, partition);
+            self.next_ticket += 1;
+            self.pending_partitions.insert(
+                partition,
+                PendingPartition {
+                    ticket: self.next_ticket,
+                    progress: Progress::OffsetsFetched {
+                        committed: Some((committed_offset, metadata)),
+                    },
+                    cancel: Arc::new(AtomicBool::new(false)),
+                },
+            );
+        }
+        consumer
+            .pause(&pause)
+            .map_err(|source| AggregatorError::Kafka {
+                operation: "pause partitions to rebuild after an abort",
+                source,
+            })?;
+        m::set_restoring(self.pending_partitions.len());
+        self.report_phase();
+        info!(
+            partitions = pause.count(),
+            "rebuilding the state of partitions changed in the aborted transaction"
+        );
+        Ok(())
+    }
+
     /// In the rebalance callback: forgets revoked partitions that are still pending
     /// (cancelling their re-read). Returns the revoked partitions this member owned.
     pub(super) fn forget_revoked(&mut self, revoked: &[i32]) -> Vec<i32> {

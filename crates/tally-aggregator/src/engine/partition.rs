@@ -1,9 +1,15 @@
-//! One owned input partition: its live state, the state and checkpoint as of the last
-//! commit, and the tick and idle bookkeeping. An abort rewinds it to the last commit.
+//! One owned input partition: its live state, the checkpoint and counters as of the
+//! last commit, and the tick and idle bookkeeping.
+//!
+//! No copy of the state is kept at commits: the state is tens to hundreds of MiB at a
+//! long horizon, and copying it at every commit cost the loop more than rebuilding it
+//! on the rare abort. An abort rewinds a partition that processed nothing since its
+//! commit in place ([`OwnedPartition::rewind`]); one that did is rebuilt from its
+//! committed checkpoint, as on an assignment (see `transaction.rs`).
 
 use std::time::Instant;
 
-use tally_core::partition::PartitionState;
+use tally_core::partition::{PartitionCounters, PartitionState};
 
 use crate::decide::{self, SettleFacts, TickFacts};
 
@@ -11,8 +17,8 @@ use crate::decide::{self, SettleFacts, TickFacts};
 pub(super) struct OwnedPartition {
     /// State after the last record processed.
     pub(super) live: PartitionState,
-    /// State as of the last commit (restored on abort).
-    pub(super) committed: PartitionState,
+    /// The state's counters as of the last commit (the metrics publish the difference).
+    pub(super) committed_counters: PartitionCounters,
     /// Offset after the last record processed.
     pub(super) next_offset: i64,
     /// Offset committed last (the consumer is seeked here on abort).
@@ -58,7 +64,7 @@ impl OwnedPartition {
     ) -> OwnedPartition {
         let now = Instant::now();
         OwnedPartition {
-            committed: state.clone(),
+            committed_counters: state.counters(),
             live: state,
             next_offset,
             committed_offset: next_offset,
@@ -77,10 +83,11 @@ impl OwnedPartition {
         }
     }
 
-    /// Back to the last commit.
+    /// Back to the last commit, for a partition whose live state is its committed state
+    /// (nothing processed since, or the state replaced by the committed one).
     pub(super) fn rewind(&mut self, epoch: u64) {
+        debug_assert_eq!(self.live.counters(), self.committed_counters);
         self.since_epoch = epoch;
-        self.live.clone_from(&self.committed);
         self.next_offset = self.committed_offset;
         self.pending_metadata = None;
         self.dirty = false;

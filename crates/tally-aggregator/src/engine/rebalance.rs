@@ -101,6 +101,8 @@ impl Engine {
             for partition in &revoked {
                 self.partitions.remove(partition);
             }
+            // A failed commit aborts, which sends changed partitions to be rebuilt.
+            self.forget_revoked(&revoked);
             outcome
         };
         info!(?revoked, "partitions revoked");

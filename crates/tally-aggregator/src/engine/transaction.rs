@@ -13,6 +13,7 @@ use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use tally_core::aggregate::BillingAggregate;
 use tally_core::codec::encode_aggregate;
+use tally_core::partition::PartitionState;
 use tracing::{debug, error, info, warn};
 
 use super::rebalance::AggregatorContext;
@@ -274,11 +275,10 @@ impl Engine {
         self.pending = PendingTotals::default();
         for owned in self.partitions.values_mut() {
             if owned.dirty {
-                m::publish_counter_delta(&owned.committed.counters(), &owned.live.counters());
-                self.summary
-                    .add_committed(&owned.committed.counters(), &owned.live.counters());
-                // Reuses the snapshot's allocations (see PartitionState's Clone).
-                owned.committed.clone_from(&owned.live);
+                let live = owned.live.counters();
+                m::publish_counter_delta(&owned.committed_counters, &live);
+                self.summary.add_committed(&owned.committed_counters, &live);
+                owned.committed_counters = live;
             }
             owned.committed_offset = owned.next_offset;
             if let Some(metadata) = owned.pending_metadata.take() {
@@ -348,12 +348,35 @@ impl Engine {
         let topic = self.settings.config.topics.usage_events.clone();
         let epoch = self.next_epoch();
         let seek_limit = self.call_timeout();
-        for (partition, owned) in &mut self.partitions {
+        let mut rebuild = Vec::new();
+        let partitions: Vec<i32> = self.partitions.keys().copied().collect();
+        for partition in partitions {
+            let fresh = match self.partitions.get(&partition) {
+                None => continue,
+                Some(owned) if !owned.dirty => None,
+                // Never committed: its committed state is a fresh one.
+                Some(owned) if owned.committed_metadata.is_empty() => Some(PartitionState::new(
+                    self.settings.partition_params(partition),
+                )?),
+                // Rebuilt from its committed checkpoint, as on an assignment.
+                Some(_) => {
+                    if let Some(owned) = self.partitions.remove(&partition) {
+                        rebuild.push((partition, owned.committed_offset, owned.committed_metadata));
+                    }
+                    continue;
+                }
+            };
+            let Some(owned) = self.partitions.get_mut(&partition) else {
+                continue;
+            };
+            if let Some(state) = fresh {
+                owned.live = state;
+            }
             owned.rewind(epoch);
             consumer
                 .seek(
                     &topic,
-                    *partition,
+                    partition,
                     Offset::Offset(owned.committed_offset),
                     Timeout::After(seek_limit),
                 )
@@ -362,6 +385,7 @@ impl Engine {
                     source,
                 })?;
         }
+        self.rebuild_from_checkpoints(consumer, rebuild)?;
         match abort_verdict(self.consecutive_aborts, counts_towards_loop) {
             AbortVerdict::Redo { consecutive_aborts } => {
                 self.consecutive_aborts = consecutive_aborts;
