@@ -145,7 +145,7 @@ impl Expiry {
 }
 
 /// An exact set of event ids expiring by watermark.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct DedupeSet {
     /// Remembered id → payload fingerprint. The hasher is foldhash with a per-process
     /// random seed: the table is only probed, never iterated, so its order (and thus
@@ -153,24 +153,6 @@ pub struct DedupeSet {
     ids: HashMap<IdKey, u64, foldhash::fast::RandomState>,
     /// Ids by the end of their window.
     expiry: Expiry,
-}
-
-/// `clone_from` reuses the id table's allocation: a fresh table of millions of ids
-/// (larger than malloc's mmap threshold) costs a page fault per 4 KiB on top of the
-/// copy.
-impl Clone for DedupeSet {
-    fn clone(&self) -> DedupeSet {
-        DedupeSet {
-            ids: self.ids.clone(),
-            expiry: self.expiry.clone(),
-        }
-    }
-
-    fn clone_from(&mut self, source: &DedupeSet) {
-        let DedupeSet { ids, expiry } = source;
-        self.ids.clone_from(ids);
-        self.expiry.clone_from(expiry);
-    }
 }
 
 impl DedupeSet {

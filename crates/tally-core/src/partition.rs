@@ -602,8 +602,9 @@ struct ClosedPane {
     acc: PaneAcc,
 }
 
-/// The state of one input partition. See the module docs.
-#[derive(Debug)]
+/// The state of one input partition. See the module docs. `Clone` is a deep copy,
+/// without the spare tables.
+#[derive(Debug, Clone)]
 pub struct PartitionState {
     params: PartitionParams,
     /// allowed_lateness + correction_horizon (checked at construction).
@@ -647,7 +648,7 @@ pub struct PartitionState {
     /// the correction panes closed last. A window's table is megabytes at scale; a
     /// new one cost a large malloc and a page fault per 4 KiB, and a correction table
     /// grew from empty through every power of two. Not state: a copy starts without
-    /// them, and `clone_from` keeps the target's.
+    /// them.
     spare_panes: SparePanes,
 }
 
@@ -658,77 +659,16 @@ struct SparePanes {
     corrections: Vec<Panes>,
 }
 
+/// Not state: a copy starts without spares.
+impl Clone for SparePanes {
+    fn clone(&self) -> SparePanes {
+        SparePanes::default()
+    }
+}
+
 /// At most this many emptied correction tables are kept (one per window of the
 /// correction horizon is enough at the horizons in use).
 const SPARE_CORRECTION_TABLES: usize = 16;
-
-/// A deep copy. `clone_from` reuses the target's allocations where the collections
-/// allow it (the dedupe set's id table above all).
-impl Clone for PartitionState {
-    fn clone(&self) -> PartitionState {
-        PartitionState {
-            params: self.params.clone(),
-            too_late_after_ms: self.too_late_after_ms,
-            max_event_time_ms: self.max_event_time_ms,
-            watermark_ms: self.watermark_ms,
-            last_tick_ms: self.last_tick_ms,
-            forget_after_ms: self.forget_after_ms,
-            marks: self.marks.clone(),
-            last_marked_window_ms: self.last_marked_window_ms,
-            pins: self.pins.clone(),
-            on_time: self.on_time.clone(),
-            corrections: self.corrections.clone(),
-            last_correction_seq: self.last_correction_seq.clone(),
-            symbols: self.symbols.clone(),
-            dedupe: self.dedupe.clone(),
-            closed: self.closed.clone(),
-            counters: self.counters,
-            on_time_panes_hint: self.on_time_panes_hint,
-            spare_panes: SparePanes::default(),
-        }
-    }
-
-    fn clone_from(&mut self, source: &PartitionState) {
-        // Destructured so that a new field cannot be forgotten here.
-        let PartitionState {
-            params,
-            too_late_after_ms,
-            max_event_time_ms,
-            watermark_ms,
-            last_tick_ms,
-            forget_after_ms,
-            marks,
-            last_marked_window_ms,
-            pins,
-            on_time,
-            corrections,
-            last_correction_seq,
-            symbols,
-            dedupe,
-            closed,
-            counters,
-            on_time_panes_hint,
-            spare_panes: _,
-        } = source;
-        self.params.clone_from(params);
-        self.too_late_after_ms = *too_late_after_ms;
-        self.max_event_time_ms = *max_event_time_ms;
-        self.watermark_ms = *watermark_ms;
-        self.last_tick_ms = *last_tick_ms;
-        self.forget_after_ms = *forget_after_ms;
-        self.marks.clone_from(marks);
-        self.last_marked_window_ms = *last_marked_window_ms;
-        self.pins.clone_from(pins);
-        self.on_time.clone_from(on_time);
-        self.corrections.clone_from(corrections);
-        self.last_correction_seq.clone_from(last_correction_seq);
-        self.symbols.clone_from(symbols);
-        self.dedupe.clone_from(dedupe);
-        self.closed.clone_from(closed);
-        self.counters = *counters;
-        self.on_time_panes_hint = *on_time_panes_hint;
-    }
-}
 
 impl PartitionState {
     /// A fresh partition state (no watermark, nothing open, counters at 0).

@@ -225,23 +225,29 @@ impl Engine {
                     operation: "set placeholder offset",
                     source,
                 })?;
-            self.next_ticket += 1;
-            let ticket = self.next_ticket;
+            let ticket = self.add_pending(partition, Progress::FetchingOffsets { attempts: 1 });
             tickets.push((partition, ticket));
-            self.pending_partitions.insert(
-                partition,
-                PendingPartition {
-                    ticket,
-                    progress: Progress::FetchingOffsets { attempts: 1 },
-                    cancel: Arc::new(AtomicBool::new(false)),
-                },
-            );
         }
         m::count_assigned(partitions.len());
         m::set_restoring(self.pending_partitions.len());
         self.report_phase();
         info!(?partitions, "partitions assigned, paused until restored");
         self.spawn_offsets_fetch(tickets)
+    }
+
+    /// Records `partition` as pending at `progress` under a new ticket (returned).
+    fn add_pending(&mut self, partition: i32, progress: Progress) -> u64 {
+        self.next_ticket += 1;
+        let ticket = self.next_ticket;
+        self.pending_partitions.insert(
+            partition,
+            PendingPartition {
+                ticket,
+                progress,
+                cancel: Arc::new(AtomicBool::new(false)),
+            },
+        );
+        ticket
     }
 
     /// After an abort: `partitions` (dropped from the owned ones) become pending with
@@ -259,15 +265,10 @@ impl Engine {
         let mut pause = TopicPartitionList::new();
         for (partition, committed_offset, metadata) in partitions {
             pause.add_partition(&topic, partition);
-            self.next_ticket += 1;
-            self.pending_partitions.insert(
+            self.add_pending(
                 partition,
-                PendingPartition {
-                    ticket: self.next_ticket,
-                    progress: Progress::OffsetsFetched {
-                        committed: Some((committed_offset, metadata)),
-                    },
-                    cancel: Arc::new(AtomicBool::new(false)),
+                Progress::OffsetsFetched {
+                    committed: Some((committed_offset, metadata)),
                 },
             );
         }

@@ -348,35 +348,30 @@ impl Engine {
         let topic = self.settings.config.topics.usage_events.clone();
         let epoch = self.next_epoch();
         let seek_limit = self.call_timeout();
-        let mut rebuild = Vec::new();
-        let partitions: Vec<i32> = self.partitions.keys().copied().collect();
-        for partition in partitions {
-            let fresh = match self.partitions.get(&partition) {
-                None => continue,
-                Some(owned) if !owned.dirty => None,
+        // Changed since their commit, with a checkpoint: rebuilt from it, as on an
+        // assignment.
+        let changed: Vec<i32> = self
+            .partitions
+            .iter()
+            .filter(|(_, owned)| owned.dirty && !owned.committed_metadata.is_empty())
+            .map(|(partition, _)| *partition)
+            .collect();
+        let mut rebuild = Vec::with_capacity(changed.len());
+        for partition in changed {
+            if let Some(owned) = self.partitions.remove(&partition) {
+                rebuild.push((partition, owned.committed_offset, owned.committed_metadata));
+            }
+        }
+        for (partition, owned) in &mut self.partitions {
+            if owned.dirty {
                 // Never committed: its committed state is a fresh one.
-                Some(owned) if owned.committed_metadata.is_empty() => Some(PartitionState::new(
-                    self.settings.partition_params(partition),
-                )?),
-                // Rebuilt from its committed checkpoint, as on an assignment.
-                Some(_) => {
-                    if let Some(owned) = self.partitions.remove(&partition) {
-                        rebuild.push((partition, owned.committed_offset, owned.committed_metadata));
-                    }
-                    continue;
-                }
-            };
-            let Some(owned) = self.partitions.get_mut(&partition) else {
-                continue;
-            };
-            if let Some(state) = fresh {
-                owned.live = state;
+                owned.live = PartitionState::new(self.settings.partition_params(*partition))?;
             }
             owned.rewind(epoch);
             consumer
                 .seek(
                     &topic,
-                    partition,
+                    *partition,
                     Offset::Offset(owned.committed_offset),
                     Timeout::After(seek_limit),
                 )
