@@ -279,9 +279,9 @@ fn main() {
             let _ = handle.join();
             panic!("the aggregator did not drain {count} records within {RUN_TIMEOUT:?}");
         }
-        if handle.is_finished() {
-            break None;
-        }
+        // Read before the offsets: a run that ended is judged on the offsets it left,
+        // not on whether this loop saw them before the thread ended.
+        let finished = handle.is_finished();
         let sum: i64 = committed(&watcher, &topics.events)
             .values()
             .map(|(offset, _)| offset)
@@ -291,6 +291,9 @@ fn main() {
         }
         if sum >= target {
             break Some((started.elapsed(), process_cpu() - cpu_start, Instant::now()));
+        }
+        if finished {
+            break None;
         }
         thread::sleep(WATCH_EVERY);
     };
