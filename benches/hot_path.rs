@@ -39,7 +39,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use tally_aggregator::record::{InputRecord, RecordOutcome, RecordRules, apply_record};
+use tally_aggregator::record::{
+    InputRecord, PREFETCH_AHEAD, RecordOutcome, RecordRules, apply_record, prefetch_record,
+};
 use tally_core::codec::{Decoded, decode_record, encode_aggregate};
 use tally_core::contracts::Contracts;
 use tally_core::dedupe::{DedupeSet, payload_fingerprint};
@@ -224,6 +226,14 @@ impl Stream {
         Fetched::new(&generated)
     }
 
+    /// What the loop does before applying the record at `index` of a batch: starts
+    /// fetching the state of the record [`PREFETCH_AHEAD`] places ahead.
+    fn prefetch(&self, batch: &Fetched, index: usize) {
+        if index + PREFETCH_AHEAD < batch.len() {
+            prefetch_record(&self.state, batch.get(index + PREFETCH_AHEAD).value);
+        }
+    }
+
     /// The loop's per-record step, plus the commit-time drain every [`DRAIN_EVERY`]
     /// records. Returns rows drained.
     fn apply(&mut self, record: RecordView<'_>, buffer: &mut Vec<u8>) -> usize {
@@ -287,7 +297,8 @@ fn prefill(stream: &mut Stream, records: u64) {
     while left > 0 {
         let take = usize::try_from(left.min(BATCH as u64)).expect("small");
         let fetched = stream.batch(take);
-        for record in fetched.iter() {
+        for (index, record) in fetched.iter().enumerate() {
+            stream.prefetch(&fetched, index);
             let counted_before = stream.state.counters().counted;
             stream.apply(record, &mut buffer);
             if stream.state.counters().counted > counted_before
@@ -371,7 +382,8 @@ fn benches(c: &mut Criterion, stream: &mut Stream, test_mode: bool) {
         b.iter_custom(|iters| {
             over_stream(stream, iters, |stream, batch| {
                 let started = Instant::now();
-                for record in batch.iter() {
+                for (index, record) in batch.iter().enumerate() {
+                    stream.prefetch(batch, index);
                     stream.apply(record, &mut buffer);
                 }
                 started.elapsed()
@@ -510,7 +522,8 @@ fn fixed_run(stream: &mut Stream, records: u64) {
         let batch = stream.batch(take);
         let cpu_before = thread_cpu();
         let started = Instant::now();
-        for record in batch.iter() {
+        for (index, record) in batch.iter().enumerate() {
+            stream.prefetch(&batch, index);
             rows += stream.apply(record, &mut buffer);
         }
         wall += started.elapsed();

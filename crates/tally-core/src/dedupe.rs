@@ -16,27 +16,30 @@
 //!   window, the same as the original's, has then passed the correction horizon), so a
 //!   copy is never counted twice. A conflicting copy with a *different* event time is
 //!   recognised while the original's id is remembered.
-//! - **Memory.** Each id costs one hash-map slot (16-byte id as two `u64` halves +
-//!   8-byte fingerprint = 24 bytes, plus one control byte, at a load factor between
-//!   7/16 and 7/8) and 16 bytes in the expiry queue (a `Vec` per window end, amortised
-//!   up to 2×): between about 45 and 89 bytes per id depending on where the table is in
-//!   its growth cycle. The window end is not stored per id: the queue an id sits in
-//!   says it. [`DedupeSet::approx_bytes`] computes this from the actual capacities.
-//!   Measured (`TALLY_MEMORY_FULL=1 cargo test -p tally-core --release --test
-//!   pipeline_props -- --nocapture --test-threads=1 memory_per`, 1 000 000 random ids, 1 000 per
-//!   window): approx_bytes = 68.9 bytes/id, resident set growth = 52.4 bytes/id (queue
-//!   capacity not yet written is not resident). Sizing: memory ≈ events/s × (dedupe
-//!   horizon + window) × ~70 bytes; e.g. 10 000 events/s with a 1-hour horizon ≈
-//!   2.6 GB across the partitions carrying it.
-//! - **Speed.** The table is hashed with foldhash (a multiply-fold per id, against
-//!   SipHash's dozens of rounds); `claim` and `probe` look an id up once (entry API):
-//!   the partition state probes first and remembers a new id only once the event is
-//!   counted, without hashing or searching again. `expire` does
-//!   nothing until the watermark reaches the first queued window's expiry, then
-//!   removes exactly the ids that expire.
+//! - **Memory.** Each id costs one 24-byte slot of a flat open-addressing table
+//!   ([`table`]: 16-byte id as two `u64` halves + 8-byte fingerprint) at a load factor
+//!   between 5/16 and 5/8, and 16 bytes in the expiry queue (a `Vec` per window end,
+//!   amortised up to 2×): between about 54 and 109 bytes per id depending on where the
+//!   table is in its growth cycle. The window end is not stored per id: the queue an
+//!   id sits in says it. [`DedupeSet::approx_bytes`] computes this from the actual
+//!   capacities. Measured (`TALLY_MEMORY_FULL=1 cargo test -p tally-core --release
+//!   --test pipeline_props -- --nocapture --test-threads=1 memory_per`, 1 000 000
+//!   random ids, 1 000 per window): see the README's state-size figures. Sizing:
+//!   memory ≈ events/s × (dedupe horizon + window) × ~70 bytes; e.g. 10 000 events/s
+//!   with a 1-hour horizon ≈ 2.6 GB across the partitions carrying it.
+//! - **Speed.** At a busy partition's steady state the table is far larger than the
+//!   caches, so what a lookup costs is the wait for its slot's cache line. The table
+//!   keeps an id and its fingerprint in one line, [`DedupeSet::prefetch`] lets the
+//!   caller ask for that line records ahead of the lookup (the aggregator's loops do),
+//!   and `expire` prefetches ahead of its removals. `probe` looks an id up once: the
+//!   partition state probes first and remembers a new id only once the event is
+//!   counted, into the slot the probe found, without hashing or searching again.
+//!   `expire` does nothing until the watermark reaches the first queued window's
+//!   expiry, then removes exactly the ids that expire.
 
-use std::collections::hash_map::{Entry, VacantEntry};
-use std::collections::{HashMap, VecDeque};
+mod table;
+
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::mem::size_of;
 
@@ -54,13 +57,14 @@ pub enum Claim {
     ConflictingDuplicate,
 }
 
-/// An event id as two 64-bit halves (high, low): 8-byte aligned, so a table slot with
-/// its fingerprint is 24 bytes where a `u128` key (16-byte aligned) would pad it to 32.
-type IdKey = (u64, u64);
+use table::{IdKey, IdTable, Vacant};
 
 fn id_key(id: EventId) -> IdKey {
     ((id.0 >> 64) as u64, id.0 as u64)
 }
+
+/// Ids ahead of the one being removed whose slots `expire` prefetches.
+const EXPIRE_PREFETCH_AHEAD: usize = 8;
 
 /// What [`DedupeSet::probe`] found.
 #[derive(Debug)]
@@ -74,7 +78,7 @@ pub enum Probe<'a> {
 /// A new id found by [`DedupeSet::probe`], with the table slot it would take.
 #[derive(Debug)]
 pub struct NewId<'a> {
-    slot: VacantEntry<'a, IdKey, u64>,
+    slot: Vacant<'a>,
     fingerprint: u64,
     expiry: &'a mut Expiry,
 }
@@ -83,8 +87,7 @@ impl NewId<'_> {
     /// Remembers the id with its fingerprint, until `window_end_ms + horizon` is
     /// reached by the watermark.
     pub fn remember(self, window_end_ms: i64) {
-        let key = *self.slot.key();
-        self.slot.insert(self.fingerprint);
+        let key = self.slot.insert(self.fingerprint);
         self.expiry.push(key, window_end_ms);
     }
 }
@@ -147,10 +150,8 @@ impl Expiry {
 /// An exact set of event ids expiring by watermark.
 #[derive(Debug, Clone)]
 pub struct DedupeSet {
-    /// Remembered id → payload fingerprint. The hasher is foldhash with a per-process
-    /// random seed: the table is only probed, never iterated, so its order (and thus
-    /// the seed) cannot influence any output.
-    ids: HashMap<IdKey, u64, foldhash::fast::RandomState>,
+    /// Remembered id → payload fingerprint.
+    ids: IdTable,
     /// Ids by the end of their window.
     expiry: Expiry,
 }
@@ -159,7 +160,7 @@ impl DedupeSet {
     /// An empty set forgetting ids `horizon_ms` after their window ends (in watermark time).
     pub fn new(horizon_ms: i64) -> DedupeSet {
         DedupeSet {
-            ids: HashMap::default(),
+            ids: IdTable::default(),
             expiry: Expiry::new(horizon_ms),
         }
     }
@@ -169,11 +170,19 @@ impl DedupeSet {
         self.expiry.horizon_ms
     }
 
+    /// Asks the CPU to fetch the memory a lookup of `id` will read first. A hint: no
+    /// effect on the set. Worth calling well before the lookup, when other work comes
+    /// in between.
+    #[inline]
+    pub fn prefetch(&self, id: EventId) {
+        self.ids.prefetch(id_key(id));
+    }
+
     /// Looks `id` up without remembering it.
     pub fn lookup(&self, id: EventId, fingerprint: u64) -> Claim {
-        match self.ids.get(&id_key(id)) {
+        match self.ids.get(id_key(id)) {
             None => Claim::New,
-            Some(&remembered) if remembered == fingerprint => Claim::Duplicate,
+            Some(remembered) if remembered == fingerprint => Claim::Duplicate,
             Some(_) => Claim::ConflictingDuplicate,
         }
     }
@@ -193,11 +202,9 @@ impl DedupeSet {
     /// (dropping the [`NewId`] leaves the set as it was).
     pub fn probe(&mut self, id: EventId, fingerprint: u64) -> Probe<'_> {
         match self.ids.entry(id_key(id)) {
-            Entry::Occupied(entry) if *entry.get() == fingerprint => {
-                Probe::Remembered(Claim::Duplicate)
-            }
-            Entry::Occupied(_) => Probe::Remembered(Claim::ConflictingDuplicate),
-            Entry::Vacant(slot) => Probe::New(NewId {
+            Ok(remembered) if remembered == fingerprint => Probe::Remembered(Claim::Duplicate),
+            Ok(_) => Probe::Remembered(Claim::ConflictingDuplicate),
+            Err(slot) => Probe::New(NewId {
                 slot,
                 fingerprint,
                 expiry: &mut self.expiry,
@@ -224,9 +231,12 @@ impl DedupeSet {
                 break;
             };
             expiry.queue_hint = queue.len().saturating_add(queue.len() / 4);
-            for key in queue {
+            for (index, key) in queue.iter().enumerate() {
+                if let Some(ahead) = queue.get(index + EXPIRE_PREFETCH_AHEAD) {
+                    self.ids.prefetch(*ahead);
+                }
                 // Always present (see the invariant on `Expiry::queues`).
-                if self.ids.remove(&key).is_some() {
+                if self.ids.remove(*key) {
                     forgotten += 1;
                 }
             }
@@ -242,15 +252,13 @@ impl DedupeSet {
 
     /// Whether no id is remembered.
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.ids.len() == 0
     }
 
-    /// Estimated heap bytes, from the capacities actually allocated: hash-map buckets
-    /// (slot + control byte each), expiry vectors, and the queue list.
+    /// Estimated heap bytes, from the capacities actually allocated: table slots,
+    /// expiry vectors, and the queue list.
     pub fn approx_bytes(&self) -> usize {
-        let slot = size_of::<(IdKey, u64)>() + 1;
-        let buckets = hash_buckets_for_capacity(self.ids.capacity());
-        let map_bytes = buckets * slot;
+        let map_bytes = self.ids.heap_bytes();
         let queue_bytes: usize = self
             .expiry
             .queues
@@ -442,7 +450,7 @@ mod tests {
         assert_eq!(set.lookup(EventId(2), 0), Claim::Duplicate);
         assert_eq!(set.expire(180_000), 1);
         assert!(set.is_empty());
-        assert_eq!(set.approx_bytes() > 0, set.ids.capacity() > 0);
+        assert_eq!(set.approx_bytes() > 0, set.ids.heap_bytes() > 0);
     }
 
     #[test]

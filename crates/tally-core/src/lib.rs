@@ -16,6 +16,7 @@ pub mod health;
 pub mod identity;
 pub mod money;
 pub mod partition;
+mod prefetch;
 pub mod routing;
 pub mod semantics;
 #[cfg(any(test, feature = "test-fixtures"))]

@@ -723,6 +723,15 @@ impl PartitionState {
         self.on_fields(offset, event.into(), payload_fingerprint, contracts)
     }
 
+    /// Asks the CPU to fetch the memory that classifying an event with `event_id` will
+    /// read first (its dedupe slot). A hint with no effect on the state: the loop calls
+    /// it as soon as a record's id is decoded, so the fetch overlaps validation and
+    /// fingerprinting.
+    #[inline]
+    pub fn prefetch(&self, event_id: EventId) {
+        self.dedupe.prefetch(event_id);
+    }
+
     /// [`PartitionState::on_event`] for an event borrowed from its record: the same
     /// decision and state change, with strings copied only when a new pane opens.
     /// `payload_fingerprint` is normally [`crate::dedupe::payload_fingerprint_ref`],

@@ -51,7 +51,10 @@ use crate::decide::{self, Settlement, TickDecision};
 use crate::error::AggregatorError;
 use crate::kafka::ProducerCallbacks;
 use crate::metrics::{self as m, PendingTotals};
-use crate::record::{InputRecord, RecordOutcome, RecordRules, TOO_LATE, apply_record, side_record};
+use crate::record::{
+    InputRecord, PREFETCH_AHEAD, RecordOutcome, RecordRules, TOO_LATE, apply_record,
+    prefetch_record, side_record,
+};
 use crate::settings::AggregatorSettings;
 
 use assign::{AssignChannel, PendingPartition};
@@ -96,7 +99,10 @@ fn process_partition(
     context: &BatchContext<'_>,
 ) -> Result<Vec<&'static str>, AggregatorError> {
     let mut rejected = Vec::new();
-    for message in messages {
+    for (index, message) in messages.iter().enumerate() {
+        if let Some(ahead) = messages.get(index + PREFETCH_AHEAD) {
+            prefetch_record(&owned.live, ahead.payload().unwrap_or_default());
+        }
         let record = InputRecord {
             partition: message.partition(),
             offset: message.offset(),

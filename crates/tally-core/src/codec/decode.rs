@@ -417,6 +417,20 @@ pub fn decode_record_ref(bytes: &[u8]) -> Result<DecodedRef<'_>, DecodeError> {
     Ok(decoded)
 }
 
+/// The event id of a usage-event record, read without decoding the rest: `None` for
+/// anything else (a tick, another schema, a malformed id). For looking ahead only
+/// (see `tally_aggregator::record::prefetch_record`); what counts is
+/// [`decode_record_ref`]'s full decode.
+pub fn peek_event_id(bytes: &[u8]) -> Option<EventId> {
+    let (schema, datum) = split_frame(bytes).ok()?;
+    match schema {
+        SchemaId::UsageEventV1 | SchemaId::UsageEventV2 => {
+            parse_event_id(Reader::new(datum).bytes("event_id").ok()?)
+        }
+        SchemaId::UsageTickV1 | SchemaId::BillingAggregateV1 => None,
+    }
+}
+
 /// Decodes a record of `billing.aggregates`.
 pub fn decode_aggregate(bytes: &[u8]) -> Result<BillingAggregate, DecodeError> {
     let (schema, datum) = split_frame(bytes)?;
@@ -980,6 +994,50 @@ mod tests {
         for text in cases {
             assert_eq!(parse_event_id(&text), EventId::parse(&text), "{text:?}");
         }
+    }
+
+    #[test]
+    fn peeked_event_id_is_the_decoded_one_or_none() {
+        use crate::codec::{encode_tick, encode_usage_event};
+        use crate::event::{Cloud, RequestStatus, TickOrigin, TokenCounts, UsageEvent, UsageTick};
+        let event = UsageEvent {
+            event_id: EventId(0x5f0c_2a91_7d3e_4b8a_9c1f_0e6d_42b7_a913),
+            request_id: "req".to_owned(),
+            occurred_at_ms: 1_735_689_600_000,
+            tenant_id: "tenant".to_owned(),
+            model: "atlas-large".to_owned(),
+            cloud: Cloud::Aws,
+            channel_partner: None,
+            region: "us-east-1".to_owned(),
+            tokens: TokenCounts::default(),
+            status: RequestStatus::Succeeded,
+            attributes: Default::default(),
+            service_tier: Some("flex".to_owned()),
+        };
+        for schema in [SchemaId::UsageEventV1, SchemaId::UsageEventV2] {
+            let mut bytes = Vec::new();
+            encode_usage_event(&event, schema, &mut bytes);
+            assert_eq!(peek_event_id(&bytes), Some(event.event_id));
+            // Any prefix either still holds the whole id or gives none.
+            for len in 0..bytes.len() {
+                let peeked = peek_event_id(&bytes[..len]);
+                assert!(peeked.is_none() || peeked == Some(event.event_id), "{len}");
+            }
+            // A malformed id gives none.
+            let mut bad = bytes.clone();
+            bad[HEADER_LEN + 1 + 8] = b'x';
+            assert_eq!(peek_event_id(&bad), None);
+        }
+        let mut tick = Vec::new();
+        encode_tick(
+            &UsageTick {
+                tick_time_ms: 1,
+                origin: TickOrigin::Gateway,
+            },
+            &mut tick,
+        );
+        assert_eq!(peek_event_id(&tick), None);
+        assert_eq!(peek_event_id(&[]), None);
     }
 
     /// A long read: the value and the position after it.

@@ -18,7 +18,7 @@ mod encode;
 
 pub use decode::{
     AttributesIter, AttributesRef, DecodeError, Decoded, DecodedRef, UsageEventRef,
-    decode_aggregate, decode_record, decode_record_ref,
+    decode_aggregate, decode_record, decode_record_ref, peek_event_id,
 };
 pub use encode::{
     AggregateSizeLimits, aggregate_encoded_len_bound, encode_aggregate, encode_tick,
