@@ -269,6 +269,32 @@ fn restore_cost(probe: &OffsetProbe) -> RestoreCost {
     cost
 }
 
+/// The committed checkpoints after the soak: every one parses, and the largest stays
+/// inside Kafka's default offset-metadata cap (`offset.metadata.max.bytes`, which the
+/// aggregator's own writer also enforces). Prints their sizes for the record.
+fn assert_checkpoint_size(deployment: &Deployment) {
+    let probe = OffsetProbe::new(
+        &deployment.bootstrap,
+        &deployment.group,
+        &deployment.topics.usage_events,
+    );
+    let sizes: Vec<usize> = probe
+        .committed()
+        .into_values()
+        .map(|entry| {
+            let (_, metadata) = entry.expect("every partition has a committed offset");
+            Checkpoint::from_metadata(&metadata).expect("tally checkpoint metadata");
+            metadata.len()
+        })
+        .collect();
+    let largest = sizes.iter().copied().max().unwrap_or_default();
+    eprintln!("committed checkpoints: {sizes:?} bytes of offset metadata");
+    assert!(
+        largest <= tally_aggregator::checkpoint::MAX_METADATA_BYTES,
+        "a checkpoint of {largest} bytes exceeds the offset-metadata cap"
+    );
+}
+
 /// SIGKILLs the aggregator `plan.kills` times, restarting it with the same instance id.
 /// Odd kills run with the long commit interval, even ones with the short one; one kill
 /// in four is blind (see [`KillReport`]); the first two never are.
@@ -520,6 +546,7 @@ fn crash_soak_with_sigkills_matches_ground_truth() {
         sink_began.elapsed()
     );
     assert_restore_is_bounded(&report.restores);
+    assert_checkpoint_size(&deployment);
     support::replay::after_soak(
         &deployment.config,
         &deployment.topics,
