@@ -45,6 +45,7 @@ use std::mem::size_of;
 
 use crate::codec::UsageEventRef;
 use crate::event::{EventId, TokenCounts, UsageEvent};
+use table::{IdKey, IdTable, Vacant};
 
 /// What the set says about an event id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -56,8 +57,6 @@ pub enum Claim {
     /// Remembered with a different payload fingerprint: a conflicting duplicate.
     ConflictingDuplicate,
 }
-
-use table::{IdKey, IdTable, Vacant};
 
 fn id_key(id: EventId) -> IdKey {
     ((id.0 >> 64) as u64, id.0 as u64)
@@ -252,7 +251,7 @@ impl DedupeSet {
 
     /// Whether no id is remembered.
     pub fn is_empty(&self) -> bool {
-        self.ids.len() == 0
+        self.ids.is_empty()
     }
 
     /// Estimated heap bytes, from the capacities actually allocated: table slots,

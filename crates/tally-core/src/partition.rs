@@ -724,9 +724,10 @@ impl PartitionState {
     }
 
     /// Asks the CPU to fetch the memory that classifying an event with `event_id` will
-    /// read first (its dedupe slot). A hint with no effect on the state: the loop calls
-    /// it as soon as a record's id is decoded, so the fetch overlaps validation and
-    /// fingerprinting.
+    /// read first (its dedupe slot). A hint with no effect on the state: the loops call
+    /// it for the record a few places ahead of the one they apply
+    /// (`tally_aggregator::record::prefetch_record`), so the fetch overlaps the records
+    /// in between.
     #[inline]
     pub fn prefetch(&self, event_id: EventId) {
         self.dedupe.prefetch(event_id);

@@ -6,9 +6,10 @@
 //! the caches) a lookup misses twice and an insertion writes a third line, and nothing
 //! can ask for a slot's memory before it is probed. Here an id, its fingerprint and the
 //! next few slots share one cache line, and [`IdTable::prefetch`] asks for that line
-//! as soon as a record's id is decoded, so the miss overlaps the record's decoding,
-//! validation and fingerprinting instead of stalling the dedupe lookup. `expire`
-//! prefetches a few ids ahead of each removal for the same reason.
+//! before the lookup (the aggregator's loops ask for the slot of the record a few
+//! places ahead of the one they apply), so the miss overlaps the records in between
+//! instead of stalling the dedupe lookup. `expire` prefetches a few ids ahead of each
+//! removal for the same reason.
 //!
 //! A slot is empty when its id is all zero bits. The one id that is all zero bits, the
 //! nil UUID, is kept beside the table, so every id and every 64-bit fingerprint is
@@ -83,6 +84,10 @@ enum Probe {
 impl IdTable {
     pub(super) fn len(&self) -> usize {
         self.len + usize::from(self.nil.is_some())
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len == 0 && self.nil.is_none()
     }
 
     /// Heap bytes of the slot array.
