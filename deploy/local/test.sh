@@ -5,7 +5,8 @@
 # broker and a PostgreSQL server on 127.0.0.1, then runs, failing fast:
 #   promtool check/test of the alert rules, docker-compose config of the stack,
 #   cargo fmt --check, the test build, cargo clippy -D warnings, every test
-#   (the kill soak in a second lane), doctests, benches in test mode
+#   in three lanes (the rest; beside it the kill soak, and the group and EOS
+#   suites, doctests, benches in test mode)
 # Both services are stopped on exit, whatever happens.
 #
 # Env:
@@ -139,27 +140,37 @@ run_lane() {
   return "$failed"
 }
 
-# Every test, in two lanes sharing the broker and the database (the tests use
-# their own topics, groups and databases): the aggregator's kill soak, mostly
-# waiting on commit intervals and restarts, runs beside everything else. Then the
-# doctests, and criterion's test mode (every benchmark runs once, as a smoke test,
-# reusing the test build; real figures come from `cargo bench`, see README).
+# Every test, in three lanes sharing the broker and the database (the tests use
+# their own topics, groups and databases; they mostly wait on the broker, commit
+# intervals and restarts, so the 2 cores stay more than half idle): everything else,
+# printed as it runs; beside it the aggregator's kill soak, and the group and
+# exactly-once suites followed by the doctests and criterion's test mode (every
+# benchmark runs once, as a smoke test, reusing the test build; real figures come from
+# `cargo bench`, see README). The two side lanes are printed whole at the end.
 run_tests() {
-  local all soak_log="$TALLY_RUN_DIR/lane-soak.log" soak_rc=0 rest_rc=0 pid
+  local all rc=0 lane
+  local -a names=(aggregator_kill "aggregator_group, aggregator_eos, doctests, benches")
+  local -a pids=()
+  local soak='/aggregator_kill-[0-9a-f]+'$'\t'
+  local group='/aggregator_(group|eos)-[0-9a-f]+'$'\t'
   all="$(test_binaries)"
   [[ -n $all ]] || die "cargo listed no test executables"
-  grep -E '/aggregator_kill-[0-9a-f]+'$'\t' <<<"$all" | run_lane >"$soak_log" 2>&1 &
-  pid=$!
+  grep -E "$soak" <<<"$all" | run_lane >"$TALLY_RUN_DIR/lane-0.log" 2>&1 &
+  pids+=($!)
   {
-    grep -vE '/aggregator_kill-[0-9a-f]+'$'\t' <<<"$all" | run_lane &&
+    grep -E "$group" <<<"$all" | run_lane &&
       cargo test --workspace --locked --doc &&
       cargo test --workspace --locked --benches
-  } || rest_rc=$?
-  wait "$pid" || soak_rc=$?
-  echo
-  echo "==> lane: aggregator_kill (ran beside the tests above)"
-  cat "$soak_log"
-  ((soak_rc == 0 && rest_rc == 0))
+  } >"$TALLY_RUN_DIR/lane-1.log" 2>&1 &
+  pids+=($!)
+  grep -vE "$soak|$group" <<<"$all" | run_lane || rc=1
+  for lane in 0 1; do
+    wait "${pids[$lane]}" || rc=1
+    echo
+    echo "==> lane: ${names[$lane]} (ran beside the tests above)"
+    cat "$TALLY_RUN_DIR/lane-$lane.log"
+  done
+  return "$rc"
 }
 
 # Prints KEY's value from an env file written by kafka.sh / postgres.sh.
