@@ -109,9 +109,12 @@ struct Gateway {
 
 impl Gateway {
     fn new(topic: &str) -> Gateway {
+        // zstd-compressed, as a gateway may send them: the aggregator reads zstd
+        // batches with the system libzstd its librdkafka links (Cargo.toml).
         let producer = kafka_client(&bootstrap())
             .set("enable.idempotence", "true")
             .set("linger.ms", "0")
+            .set("compression.type", "zstd")
             .create()
             .expect("producer");
         Gateway {
