@@ -2,7 +2,8 @@
 # The project's one test command (CI runs it through .ci/run).
 #
 # Installs missing Debian build packages, starts a real single-node Kafka
-# broker and a PostgreSQL server on 127.0.0.1, then runs, failing fast:
+# broker and a PostgreSQL server on 127.0.0.1, then runs (each step failing fast,
+# the test step's lanes each to their end):
 #   promtool check/test of the alert rules, docker-compose config of the stack,
 #   cargo fmt --check, the test build, then every test in three lanes: clippy
 #   -D warnings followed by most tests; beside it the kill soak; and doctests,
@@ -144,13 +145,14 @@ run_lane() {
 # their own topics, groups and databases; they mostly wait on the broker, commit
 # intervals and restarts, so the 2 cores stay more than half idle):
 #   - clippy (when linting), then everything else, printed as it runs;
-#   - the aggregator's kill soak;
-#   - once clippy is done, the doctests and criterion's test mode (every benchmark
-#     runs once, as a smoke test, reusing the test build; real figures come from
-#     `cargo bench`, see README), then the group and exactly-once suites.
+#   - the aggregator's kill soak, from the start;
+#   - started once clippy is done: the doctests and criterion's test mode (every
+#     benchmark runs once, as a smoke test, reusing the test build; real figures come
+#     from `cargo bench`, see README), then the group and exactly-once suites.
 # So clippy competes only with the kill soak, which asserts on offsets and sums; the
-# tests with wall-clock bounds (liveness, shutdown within 5 s) start after it. The side lanes are printed whole at the end. A failure in any
-# lane, clippy included, fails the run; every lane still runs to its end.
+# tests with wall-clock bounds (liveness, shutdown within 5 s) start after it. The
+# side lanes are printed whole at the end. A failure in any lane, clippy included,
+# fails the run; every lane still runs to its end.
 run_tests() {
   local all rc=0 lane t0
   local -a names=(aggregator_kill "doctests, benches, aggregator_group, aggregator_eos")
@@ -161,18 +163,8 @@ run_tests() {
   [[ -n $all ]] || die "cargo listed no test executables"
   grep -E "$soak" <<<"$all" | run_lane >"$TALLY_RUN_DIR/lane-0.log" 2>&1 &
   pids+=($!)
-  rm -f "$TALLY_RUN_DIR/clippy.done"
-  (
-    until [[ -e $TALLY_RUN_DIR/clippy.done ]]; do sleep 1; done
-    failed=0
-    cargo test --workspace --locked --doc || failed=1
-    cargo test --workspace --locked --benches || failed=1
-    grep -E "$group" <<<"$all" | run_lane || failed=1
-    exit "$failed"
-  ) >"$TALLY_RUN_DIR/lane-1.log" 2>&1 &
-  pids+=($!)
   if ((lint)); then
-    echo "==> clippy (elapsed $((SECONDS - T0))s, beside the other lanes)"
+    echo "==> clippy (elapsed $((SECONDS - T0))s, beside the kill soak)"
     t0=$SECONDS
     if cargo clippy --workspace --all-targets --locked -- -D warnings; then
       STEPS+=("clippy $((SECONDS - t0)) ok")
@@ -182,7 +174,14 @@ run_tests() {
       rc=1
     fi
   fi
-  touch "$TALLY_RUN_DIR/clippy.done"
+  (
+    failed=0
+    cargo test --workspace --locked --doc || failed=1
+    cargo test --workspace --locked --benches || failed=1
+    grep -E "$group" <<<"$all" | run_lane || failed=1
+    exit "$failed"
+  ) >"$TALLY_RUN_DIR/lane-1.log" 2>&1 &
+  pids+=($!)
   grep -vE "$soak|$group" <<<"$all" | run_lane || rc=1
   for lane in 0 1; do
     wait "${pids[$lane]}" || rc=1
@@ -245,7 +244,7 @@ if [[ -n ${TALLY_TEST_THREADS:-} ]]; then
 fi
 
 # The test build before clippy: clippy then reuses the built dependencies' build
-# scripts and proc macros and checks the rest (about 100 s on the 2-core machine);
+# scripts and proc macros and checks the rest (100-150 s on the 2-core machine);
 # clippy first, from a cold target, took 370 s and the build after it 386 s. Clippy
 # runs in the test step, beside the first tests (run_tests).
 lint=1
